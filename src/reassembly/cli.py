@@ -1,0 +1,210 @@
+"""The ``reassembly`` command. Each verb is a thin layer over a library function of the same name."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import ReassemblyError
+
+
+class FriendlyGroup(click.Group):
+    """Turn library errors into one-line messages and a non-zero exit (set REASSEMBLY_DEBUG=1 for tracebacks)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except ReassemblyError as exc:
+            if os.environ.get("REASSEMBLY_DEBUG"):
+                raise
+            raise click.ClickException(str(exc)) from None
+
+
+def parse_input_size(text: str | None) -> tuple[int, int, int] | None:
+    if text is None:
+        return None
+    try:
+        size = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not C,H,W (e.g. 3,32,32)") from None
+    if len(size) != 3 or min(size) <= 0:
+        raise click.BadParameter(f"{text!r} is not C,H,W (e.g. 3,32,32)")
+    return size
+
+
+def format_table(headers: list[str], rows: list[list], align: str | None = None) -> str:
+    """Plain-text table; ``align`` gives 'l' or 'r' per column (numbers right-aligned by default)."""
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    align = align or "".join("r" if rows and isinstance(rows[0][i], (int, float)) else "l" for i in range(len(headers)))
+
+    def line(values):
+        return "  ".join(v.rjust(w) if a == "r" else v.ljust(w) for v, w, a in zip(values, widths, align)).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def human(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))
+
+
+def write_json(path: str, payload) -> None:
+    from .io import write_text
+
+    write_text(path, json.dumps(payload, indent=2) + "\n")
+    click.echo(f"wrote {path}")
+
+
+@click.group(cls=FriendlyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="reassembly")
+def cli():
+    """Build new networks out of the parts of pretrained ones.
+
+    \b
+    Start here:
+      reassembly zoo list                  pretrained models shipped with the package
+      reassembly zoo list --archs          every architecture, with parameters and MACs
+      reassembly info cifar_resnet20       parameters, MACs and a layer table
+      reassembly eval --model cifar_resnet20 --checkpoint W.th --data cifar10
+
+    Datasets are looked up under --data-root, else $REASSEMBLY_DATA, else ../shared/data beside the
+    checkout, else ~/.cache/reassembly/data. Set REASSEMBLY_DEBUG=1 to see tracebacks.
+    """
+
+
+@cli.group()
+def zoo():
+    """The model zoo: architectures and the pretrained weights shipped with the package."""
+
+
+@zoo.command("list")
+@click.option("--archs", is_flag=True, help="List every built-in architecture (with parameters and MACs) instead.")
+@click.option("--filter", "pattern", default="*", show_default=True, help="Shell-style name filter, e.g. 'cifar_*'.")
+def zoo_list(archs: bool, pattern: str):
+    """Print the pretrained-model manifest (accuracy, parameters, MACs), or the architectures with --archs."""
+    from .measure import count_macs, count_params
+    from .zoo import create_model, list_models, model_info
+    from .zoo.pretrained import load_manifest
+
+    if archs:
+        rows = []
+        for name in list_models(pattern):
+            info = model_info(name)
+            model = create_model(name)
+            rows.append([name, info.family, "x".join(map(str, info.input_size)), info.default_num_classes,
+                         human(count_params(model)), human(count_macs(model, info.input_size))])
+        click.echo(format_table(["architecture", "family", "input", "classes", "params", "MACs"], rows, "lllrrr"))
+        return
+    entries = [e for e in load_manifest() if __import__("fnmatch").fnmatch(e.name, pattern)]
+    if not entries:
+        click.echo("No pretrained weights are shipped yet (see `reassembly zoo list --archs` for the architectures).")
+        return
+    rows = [[e.name, e.architecture, e.source_data, f"{e.test_accuracy:.2f}", human(e.params), human(e.macs),
+             e.epochs, e.seed] for e in entries]
+    click.echo(format_table(["model", "architecture", "trained on", "test top-1 %", "params", "MACs", "epochs",
+                             "seed"], rows, "lllrrrrr"))
+
+
+@cli.command()
+@click.argument("model_name", metavar="MODEL")
+@click.option("--num-classes", type=int, default=None, help="Classifier width (default: the architecture's).")
+@click.option("--input-size", default=None, help="C,H,W for counting MACs (default: the architecture's).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="Weights to load first.")
+@click.option("--depth", type=int, default=None,
+              help="Fold the layer table to this module depth (1 = top-level children; default: every layer).")
+@click.option("--json", "json_out", default=None, help="Also write the table as JSON to this path.")
+def info(model_name, num_classes, input_size, checkpoint, depth, json_out):
+    """Parameters, MACs at an input size, and a layer table for MODEL (a zoo name or timm:NAME)."""
+    from .measure import count_macs, count_params, layer_table
+    from .zoo import create_model
+
+    model = create_model(model_name, num_classes=num_classes, checkpoint=checkpoint)
+    size = parse_input_size(input_size) or _default_input_size(model_name)
+    rows = layer_table(model, size, max_depth=depth)
+    params, macs = count_params(model), count_macs(model, size)
+    click.echo(f"{model_name}: {params:,} parameters, {macs:,} MACs ({human(macs)}) at input {'x'.join(map(str, size))}")
+    click.echo(format_table(["layer", "type", "output", "params", "MACs"],
+                            [[r.name, r.kind, "x".join(map(str, r.out_shape)), f"{r.params:,}", f"{r.macs:,}"]
+                             for r in rows], "lllrr"))
+    if json_out:
+        write_json(json_out, {"model": model_name, "input_size": list(size), "params": params, "macs": macs,
+                              "layers": [r.__dict__ | {"out_shape": list(r.out_shape)} for r in rows]})
+
+
+def _default_input_size(model_name: str) -> tuple[int, int, int]:
+    from .zoo import model_info
+
+    if model_name.startswith("timm:"):
+        return (3, 224, 224)
+    return model_info(model_name).input_size
+
+
+@cli.command("eval")
+@click.option("--model", "model_name", required=True, help="Zoo architecture or pretrained name, or timm:NAME.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
+              help="Weights: .safetensors, or a torch file readable with weights_only=True.")
+@click.option("--pretrained", is_flag=True, help="Load the weights shipped with the package.")
+@click.option("--data", "data_spec", required=True, help="Dataset, e.g. cifar10, 'cifar10[0:5]', fashion_mnist.")
+@click.option("--split", type=click.Choice(["train", "test"]), default="test", show_default=True)
+@click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Folder holding the datasets.")
+@click.option("--num-classes", type=int, default=None, help="Classifier width (default: the dataset's classes).")
+@click.option("--image-size", type=int, default=None, help="Resize images to this square size (e.g. 32).")
+@click.option("--channels", type=int, default=None, help="Replicate/average image channels to this count.")
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--limit", type=int, default=None, help="Evaluate only the first N images.")
+@click.option("--json", "json_out", default=None, help="Write the result as JSON to this path.")
+def eval_cmd(model_name, checkpoint, pretrained, data_spec, split, data_root, num_classes, image_size, channels,
+             batch_size, limit, json_out):
+    """Top-1 (and top-5) accuracy of a model on a dataset split."""
+    from .checkpoint import load_into
+    from .data import load_dataset
+    from .evaluate import evaluate, normalization_of
+    from .zoo import create_model
+
+    dataset = load_dataset(data_spec, split, root=data_root, image_size=image_size, channels=channels)
+    if limit is not None:
+        dataset = dataset.subset(range(min(limit, len(dataset))))
+    classes = num_classes or dataset.num_classes
+    metadata = {}
+    if pretrained:
+        model = create_model(model_name, pretrained=True)
+        metadata = getattr(model, "reassembly_metadata", {})
+    else:
+        model = create_model(model_name, num_classes=classes)
+        if checkpoint:
+            metadata = load_into(model, checkpoint, model_name=model_name)
+    mean, std = normalization_of(model, metadata)
+    result = evaluate(model, dataset, mean, std, batch_size=batch_size, progress=sys.stderr.isatty())
+    top5 = f", top-5 {result.top5:.2f}%" if result.top5 is not None else ""
+    click.echo(f"{model_name} on {dataset.name} {split}: top-1 {result.top1:.2f}%{top5} "
+               f"({result.images} images, mean loss {result.loss:.4f})")
+    if json_out:
+        write_json(json_out, {"model": model_name, "checkpoint": checkpoint, "data": dataset.name, "split": split,
+                              **result.as_dict()})
+
+
+@cli.command()
+@click.argument("src", type=click.Path(dir_okay=False))
+@click.argument("dst", type=click.Path(dir_okay=False))
+@click.option("--trust-pickle", is_flag=True, required=True,
+              help="Required: confirm that SRC comes from a source you trust (reading it runs its pickled code).")
+def convert(src, dst, trust_pickle):
+    """Re-save a pickled torch checkpoint SRC as safetensors DST (reading SRC unpickles it: trusted files only)."""
+    from .checkpoint import convert_trusted_pickle
+
+    click.echo(f"wrote {convert_trusted_pickle(src, dst)}")
+
+
+def main() -> None:
+    cli(prog_name="reassembly")
+
+
+if __name__ == "__main__":
+    main()

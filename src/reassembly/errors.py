@@ -1,0 +1,20 @@
+"""User-facing errors: the CLI prints their message on one line and exits non-zero, without a traceback."""
+
+
+class ReassemblyError(Exception):
+    """A problem the user can fix: the message names what is at fault and what to do next."""
+
+
+class UnknownModelError(ReassemblyError, KeyError):
+    """A model name that is not in the registry."""
+
+    def __str__(self) -> str:  # KeyError would otherwise quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class CheckpointError(ReassemblyError):
+    """A checkpoint that is missing, unsafe to read, or does not fit the model."""
+
+
+class DatasetError(ReassemblyError):
+    """A dataset that cannot be found or a dataset spec that cannot be parsed."""

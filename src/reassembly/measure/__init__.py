@@ -1,0 +1,5 @@
+"""Parameter, MAC and latency measurement."""
+
+from .counting import LayerRow, count_macs, count_params, layer_table, mac_counter
+
+__all__ = ["LayerRow", "count_macs", "count_params", "layer_table", "mac_counter"]

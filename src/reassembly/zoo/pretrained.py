@@ -1,0 +1,81 @@
+"""Pretrained weights shipped inside the package, described by ``weights/manifest.json``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch.nn as nn
+
+from ..errors import CheckpointError, UnknownModelError
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+MANIFEST = WEIGHTS_DIR / "manifest.json"
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    """One shipped model: what it is, how it was trained, how well it does, and its file's hash."""
+
+    name: str
+    architecture: str
+    num_classes: int
+    source_data: str
+    classes: list[str]
+    image_size: int
+    channels: int
+    recipe: dict
+    epochs: int
+    seed: int
+    test_accuracy: float
+    params: int
+    macs: int
+    file: str
+    sha256: str
+    subset_check: dict = field(default_factory=dict)
+    model_kwargs: dict = field(default_factory=dict)
+    command: str = ""
+
+
+def load_manifest() -> list[ManifestEntry]:
+    if not MANIFEST.is_file():
+        return []
+    return [ManifestEntry(**entry) for entry in json.loads(MANIFEST.read_text())["models"]]
+
+
+def manifest_entry(name: str) -> ManifestEntry:
+    for entry in load_manifest():
+        if entry.name == name:
+            return entry
+    shipped = ", ".join(e.name for e in load_manifest()) or "none yet"
+    raise UnknownModelError(f"no pretrained weights named {name!r} (shipped: {shipped}; see `reassembly zoo list`)")
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_pretrained(name: str, num_classes: int | None = None, **kwargs) -> nn.Module:
+    """Build a shipped model and load its weights offline, after checking the file's sha256."""
+    from ..checkpoint import load_into
+    from .registry import create_model
+
+    entry = manifest_entry(name)
+    if num_classes is not None and num_classes != entry.num_classes:
+        raise CheckpointError(f"pretrained {name} has {entry.num_classes} classes, not {num_classes}")
+    path = WEIGHTS_DIR / entry.file
+    if not path.is_file():
+        raise CheckpointError(f"the weights of {name} are missing from the installation ({path})")
+    if sha256_of(path) != entry.sha256:
+        raise CheckpointError(f"{path} does not match the sha256 recorded in the manifest: reinstall the package")
+    model = create_model(entry.architecture, num_classes=entry.num_classes, **{**entry.model_kwargs, **kwargs})
+    model.reassembly_metadata = load_into(model, path, model_name=name)
+    model.reassembly_name = entry.architecture
+    model.reassembly_pretrained = name
+    return model

@@ -1,0 +1,24 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+CIFAR_ZIP = SHARED / "data" / "cifar10-jpg.zip"
+AKAMASTER = SHARED / "models" / "akamaster-cifar10-resnet"
+
+needs_cifar = pytest.mark.skipif(not CIFAR_ZIP.is_file(), reason=f"{CIFAR_ZIP} is not available")
+needs_akamaster = pytest.mark.skipif(not AKAMASTER.is_dir(), reason=f"{AKAMASTER} is not available")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_cache(tmp_path_factory):
+    """Keep decoded datasets in the user's cache (shared across runs) unless a test overrides it."""
+    os.environ.setdefault("REASSEMBLY_CACHE", str(Path.home() / ".cache" / "reassembly"))
