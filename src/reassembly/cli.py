@@ -112,6 +112,60 @@ def zoo_list(archs: bool, pattern: str):
                              "seed"], rows, "lllrrrrr"))
 
 
+@zoo.command("train")
+@click.argument("names", nargs=-1)
+@click.option("--out", default="runs/zoo", show_default=True, type=click.Path(file_okay=False),
+              help="Run directories go here (one per model); an interrupted run resumes from its last epoch.")
+@click.option("--epochs", type=int, default=None, help="Override the recipe's epochs (recorded in the manifest).")
+@click.option("--ship/--no-ship", default=True, show_default=True,
+              help="Copy finished weights into the package and update the manifest and model card.")
+@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+@click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Folder holding the datasets.")
+def zoo_train(names, out, epochs, ship, threads, data_root):
+    """Train zoo models by recipe name (all recipes when no NAMES are given), resumably, then ship them.
+
+    \b
+    reassembly zoo recipes                   the recipe names
+    reassembly zoo train resnet20_cifar5 vgg11_cifar5 --threads 1
+    """
+    import torch
+
+    from .zoo.recipes import ZOO_RECIPES
+    from .zoo.training import command_line, ship_zoo_model, train_zoo_model
+
+    if threads:
+        torch.set_num_threads(threads)
+    for name in names or list(ZOO_RECIPES):
+        click.echo(f"== {name}")
+        run_dir = train_zoo_model(name, out, data_root=data_root, epochs=epochs, progress=sys.stderr.isatty())
+        if ship:
+            entry = ship_zoo_model(name, run_dir, data_root=data_root, command=command_line())
+            click.echo(f"shipped {name}: test top-1 {entry['test_accuracy']:.2f}% ({entry['file']})")
+
+
+@zoo.command("ship")
+@click.argument("name")
+@click.option("--out", default="runs/zoo", show_default=True, type=click.Path(file_okay=False),
+              help="The folder holding the run directory NAME/.")
+@click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Folder holding the datasets.")
+def zoo_ship(name, out, data_root):
+    """Copy the finished run NAME into the package (fp16 safetensors, manifest entry, model card)."""
+    from .zoo.training import ship_zoo_model
+
+    entry = ship_zoo_model(name, Path(out) / name, data_root=data_root, command=f"reassembly zoo train {name}")
+    click.echo(f"shipped {name}: test top-1 {entry['test_accuracy']:.2f}% ({entry['file']})")
+
+
+@zoo.command("recipes")
+def zoo_recipes():
+    """The training recipes of the zoo: architecture, data, optimiser, epochs, seed."""
+    from .zoo.recipes import ZOO_RECIPES
+
+    rows = [[r.name, r.architecture, r.data, r.recipe.optimizer, r.recipe.lr, r.recipe.epochs, r.seed]
+            for r in ZOO_RECIPES.values()]
+    click.echo(format_table(["name", "architecture", "data", "optimizer", "lr", "epochs", "seed"], rows, "lllrrrr"))
+
+
 @cli.command()
 @click.argument("model_name", metavar="MODEL")
 @click.option("--num-classes", type=int, default=None, help="Classifier width (default: the architecture's).")

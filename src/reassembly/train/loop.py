@@ -1,0 +1,162 @@
+"""A resumable classifier training loop through Hugging Face ``accelerate`` (CPU, one GPU or many).
+
+A run directory holds ``recipe.json`` (what was asked), ``state.pt`` (the last finished epoch: weights, optimiser,
+schedule, log; written atomically and read back with ``weights_only=True``), ``log.jsonl`` (one line per epoch) and,
+when done, ``final.safetensors``. Each epoch's data order, augmentation and dropout come from a seed derived from
+(seed, epoch), so a run resumed at an epoch boundary continues exactly as an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..checkpoint import save_checkpoint
+from ..data import ImageDataset, Preprocess
+from ..errors import ReassemblyError
+from ..evaluate import evaluate
+from ..io import atomic_path, write_text
+from .recipe import TrainRecipe
+
+
+def parameter_groups(model: nn.Module, recipe: TrainRecipe) -> list[dict]:
+    """Weight decay on weights; none on norm scales and biases unless the recipe asks for it."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 or recipe.decay_norm_and_bias else no_decay).append(p)
+    return [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, recipe: TrainRecipe) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, recipe)
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov)
+    return torch.optim.AdamW(groups, lr=recipe.lr)
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int):
+    """Linear warm-up to the base rate, then cosine decay to zero; a factor per optimiser step."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def train_classifier(
+    model: nn.Module,
+    train_set: ImageDataset,
+    test_set: ImageDataset | None,
+    recipe: TrainRecipe,
+    run_dir: str | Path,
+    seed: int = 0,
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+    metadata: dict | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> dict:
+    """Train ``model`` in ``run_dir``, resuming from its last finished epoch; returns the summary so far.
+
+    ``stop_after`` returns after that many epochs in this call, to split a long run over several sessions;
+    ``final.safetensors`` is written only when the recipe's last epoch is done.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _check_recipe(run_dir, recipe, seed)
+    accelerator = Accelerator()
+    set_seed(seed)
+    optimizer = make_optimizer(model, recipe)
+    steps_per_epoch = math.ceil(len(train_set) / recipe.batch_size)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(recipe.epochs * steps_per_epoch, round(recipe.warmup_epochs * steps_per_epoch))
+    )
+    log: list[dict] = []
+    state_path = run_dir / "state.pt"
+    if state_path.is_file():
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        log = json.loads(state["log"])
+    loader = torch.utils.data.DataLoader(train_set, batch_size=recipe.batch_size, shuffle=True, drop_last=False)
+    model, optimizer, loader, schedule = accelerator.prepare(model, optimizer, loader, schedule)
+    evaluate_model = accelerator.unwrap_model(model)
+    last_epoch = recipe.epochs if stop_after is None else min(recipe.epochs, len(log) + stop_after)
+    for epoch in range(len(log), last_epoch):
+        epoch_seed = seed * 100_003 + epoch
+        torch.manual_seed(epoch_seed)  # data order and dropout of this epoch
+        augment = Preprocess(mean, std, augment=recipe.augment, padding=recipe.crop_padding, flip=recipe.flip,
+                             generator=torch.Generator().manual_seed(epoch_seed))
+        model.train()
+        started, seen, loss_sum, correct = time.time(), 0, 0.0, 0
+        bar = tqdm(loader, desc=f"{run_dir.name} epoch {epoch + 1}/{recipe.epochs}", unit="batch",
+                   disable=not progress or not accelerator.is_local_main_process, leave=False)
+        for images, labels in bar:
+            logits = model(augment(images))
+            loss = F.cross_entropy(logits, labels, label_smoothing=recipe.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            if recipe.grad_clip is not None:
+                accelerator.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+            optimizer.step()
+            schedule.step()
+            if not torch.isfinite(loss):
+                raise ReassemblyError(f"training {run_dir.name} diverged at epoch {epoch + 1} (loss {loss.item()}); "
+                                      "lower the learning rate or add warm-up")
+            seen += len(labels)
+            loss_sum += loss.item() * len(labels)
+            correct += (logits.argmax(1) == labels).sum().item()
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}")
+        entry = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_top1": 100 * correct / seen,
+                 "lr": schedule.get_last_lr()[0], "seconds": round(time.time() - started, 1)}
+        if test_set is not None and ((epoch + 1) % recipe.eval_every == 0 or epoch + 1 == recipe.epochs):
+            result = evaluate(evaluate_model, test_set, mean, std, device=accelerator.device, progress=False)
+            entry["test_top1"] = result.top1
+        log.append(entry)
+        if accelerator.is_main_process:
+            _save_state(state_path, evaluate_model, optimizer, schedule, log)
+            with open(run_dir / "log.jsonl", "a") as handle:
+                handle.write(json.dumps(entry) + "\n")
+        accelerator.print(json.dumps(entry))
+    summary = {"epochs": len(log), "seed": seed, "final": log[-1] if log else {}, "recipe": recipe.model_dump()}
+    if accelerator.is_main_process and len(log) == recipe.epochs:
+        save_checkpoint(evaluate_model, run_dir / "final.safetensors",
+                        metadata={**(metadata or {}), "mean": list(mean), "std": list(std), **summary})
+        write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _check_recipe(run_dir: Path, recipe: TrainRecipe, seed: int) -> None:
+    wanted = {"recipe": recipe.model_dump(), "seed": seed}
+    path = run_dir / "recipe.json"
+    if path.is_file():
+        found = json.loads(path.read_text())
+        if found != wanted:
+            raise ReassemblyError(
+                f"{run_dir} holds a run with another recipe or seed ({path}); resume it with the same settings, "
+                "or choose a new --out directory"
+            )
+        return
+    write_text(path, json.dumps(wanted, indent=2) + "\n")
+
+
+def _save_state(path: Path, model: nn.Module, optimizer, schedule, log: list[dict]) -> None:
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+             "log": json.dumps(log)}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)

@@ -1,0 +1,135 @@
+"""Train a zoo recipe and ship its weights: fp16 safetensors in the package, a manifest entry and a model card."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import load_into, save_checkpoint
+from ..data import load_dataset
+from ..errors import ReassemblyError
+from ..evaluate import evaluate
+from ..io import locked, write_text
+from ..measure import count_macs, count_params
+from ..train import TrainRecipe, train_classifier
+from .pretrained import MANIFEST, WEIGHTS_DIR, load_manifest, sha256_of
+from .recipes import ZOO_RECIPES, ZooRecipe
+from .registry import create_model, model_info
+
+
+def recipe_for(name: str) -> ZooRecipe:
+    if name not in ZOO_RECIPES:
+        raise ReassemblyError(f"no zoo recipe named {name!r}; choose from {', '.join(ZOO_RECIPES)}")
+    return ZOO_RECIPES[name]
+
+
+def datasets_for(zoo: ZooRecipe, data_root=None):
+    options = {"root": data_root, "image_size": zoo.image_size, "channels": zoo.channels}
+    return load_dataset(zoo.data, "train", **options), load_dataset(zoo.data, "test", **options)
+
+
+def check_subset(test_set, size: int):
+    """A fixed, class-balanced-by-stride subset of the test split (test splits here are stored class by class)."""
+    stride = max(1, len(test_set) // size)
+    return test_set.subset(range(0, stride * size, stride))
+
+
+def train_zoo_model(name: str, out: str | Path = "runs/zoo", data_root=None, epochs: int | None = None,
+                    progress: bool = True) -> Path:
+    """Train (or resume) one zoo model; returns its run directory."""
+    zoo = recipe_for(name)
+    recipe: TrainRecipe = zoo.recipe if epochs is None else zoo.recipe.model_copy(update={"epochs": epochs})
+    train_set, test_set = datasets_for(zoo, data_root)
+    info = model_info(zoo.architecture)
+    torch.manual_seed(zoo.seed)
+    model = create_model(zoo.architecture, num_classes=train_set.num_classes, **zoo.model_kwargs)
+    run_dir = Path(out) / name
+    train_classifier(model, train_set, test_set, recipe, run_dir, seed=zoo.seed, mean=info.mean, std=info.std,
+                     metadata={"zoo_name": name, "architecture": zoo.architecture, "data": zoo.data},
+                     progress=progress)
+    return run_dir
+
+
+def ship_zoo_model(name: str, run_dir: str | Path, data_root=None, command: str | None = None) -> dict:
+    """Copy a finished run into the package as fp16 weights and record it in the manifest with a model card.
+
+    Accuracies are measured on the shipped (fp16) weights, as users will load them.
+    """
+    zoo = recipe_for(name)
+    run_dir = Path(run_dir)
+    final = run_dir / "final.safetensors"
+    if not final.is_file():
+        raise ReassemblyError(f"{run_dir} has no final.safetensors: finish training first (`reassembly zoo train {name}`)")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    train_set, test_set = datasets_for(zoo, data_root)
+    info = model_info(zoo.architecture)
+    model = create_model(zoo.architecture, num_classes=train_set.num_classes, **zoo.model_kwargs)
+    load_into(model, final)
+    weights = WEIGHTS_DIR / f"{name}.safetensors"
+    save_checkpoint(model, weights, dtype=torch.float16,
+                    metadata={"name": name, "architecture": zoo.architecture, "data": zoo.data,
+                              "classes": list(train_set.classes), "mean": list(info.mean), "std": list(info.std)})
+    load_into(model, weights)  # evaluate exactly what ships
+    full = evaluate(model, test_set, info.mean, info.std, progress=False)
+    subset = check_subset(test_set, zoo.check_images)
+    sub = evaluate(model, subset, info.mean, info.std, progress=False)
+    entry = {
+        "name": name, "architecture": zoo.architecture, "num_classes": train_set.num_classes,
+        "source_data": zoo.data, "classes": list(train_set.classes), "image_size": zoo.image_size,
+        "channels": zoo.channels, "recipe": summary["recipe"], "epochs": summary["epochs"], "seed": summary["seed"],
+        "test_accuracy": round(full.top1, 2), "params": count_params(model),
+        "macs": count_macs(model, (zoo.channels, zoo.image_size, zoo.image_size)), "file": weights.name,
+        "sha256": sha256_of(weights), "model_kwargs": zoo.model_kwargs,
+        "subset_check": {"images": len(subset), "stride": len(test_set) // zoo.check_images, "top1": sub.top1},
+        "command": command or f"reassembly zoo train {name}",
+    }
+    with locked(MANIFEST):  # several training processes may ship at once
+        entries = [e.__dict__ for e in load_manifest() if e.name != name] + [entry]
+        entries.sort(key=lambda e: list(ZOO_RECIPES).index(e["name"]) if e["name"] in ZOO_RECIPES else 99)
+        write_text(MANIFEST, json.dumps({"models": entries}, indent=1) + "\n")
+    write_text(WEIGHTS_DIR / "cards" / f"{name}.md", model_card(zoo, entry, run_dir))
+    return entry
+
+
+def model_card(zoo: ZooRecipe, entry: dict, run_dir: Path) -> str:
+    """A short model card generated from the manifest entry and the training log."""
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+    curve = "\n".join(
+        f"| {e['epoch']} | {e['train_loss']:.4f} | {e['train_top1']:.2f} | {e.get('test_top1', float('nan')):.2f} |"
+        for e in log
+    )
+    recipe = "\n".join(f"- `{k}`: {v}" for k, v in entry["recipe"].items())
+    return f"""# {entry['name']}
+
+{zoo.description}
+
+| | |
+|---|---|
+| architecture | `{entry['architecture']}` {entry['model_kwargs'] or ''} |
+| trained on | `{entry['source_data']}` train split, {entry['image_size']}x{entry['image_size']}, {entry['channels']} channels |
+| classes | {', '.join(entry['classes'])} |
+| test top-1 (shipped fp16 weights) | **{entry['test_accuracy']:.2f} %** on the full `{entry['source_data']}` test split |
+| parameters | {entry['params']:,} |
+| MACs (one image) | {entry['macs']:,} |
+| epochs, seed | {entry['epochs']}, {entry['seed']} |
+| sha256 | `{entry['sha256']}` |
+
+Reproduce: `{entry['command']}` (trains, resumably, then ships the weights).
+Input normalisation: ImageNet mean and std, applied to [0, 1] pixels.
+
+## Recipe
+{recipe}
+
+## Training log
+| epoch | train loss | train top-1 % | test top-1 % |
+|---|---|---|---|
+{curve}
+"""
+
+
+def command_line() -> str:
+    return "reassembly " + " ".join(shlex.quote(a) for a in sys.argv[1:])

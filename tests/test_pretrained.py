@@ -1,0 +1,61 @@
+"""The shipped zoo: files, hashes, sizes, and accuracies re-measured on the fixed subset recorded in the manifest."""
+
+import shutil
+
+import pytest
+
+from reassembly import create_model
+from reassembly.data import data_roots
+from reassembly.errors import CheckpointError, UnknownModelError
+from reassembly.evaluate import evaluate, normalization_of
+from reassembly.zoo import pretrained
+from reassembly.zoo.recipes import ZOO_RECIPES
+from reassembly.zoo.training import check_subset, datasets_for
+
+ENTRIES = pretrained.load_manifest()
+NAMES = [e.name for e in ENTRIES] or [pytest.param("none", marks=pytest.mark.skip(reason="no weights shipped yet"))]
+
+
+def test_shipped_weights_stay_small_and_match_their_hashes():
+    total = 0
+    for entry in ENTRIES:
+        path = pretrained.WEIGHTS_DIR / entry.file
+        assert path.is_file(), entry.name
+        assert pretrained.sha256_of(path) == entry.sha256, entry.name
+        assert entry.name in ZOO_RECIPES and (pretrained.WEIGHTS_DIR / "cards" / f"{entry.name}.md").is_file()
+        total += path.stat().st_size
+    assert total < 30 * 2**20
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shipped_model_reproduces_its_recorded_subset_accuracy(name):
+    entry = pretrained.manifest_entry(name)
+    zoo = ZOO_RECIPES[name]
+    try:
+        _, test_set = datasets_for(zoo)
+    except Exception as exc:  # the dataset is not on this machine
+        pytest.skip(f"{zoo.data} not available ({exc}; looked in {data_roots()})")
+    model = create_model(name, pretrained=True)
+    subset = check_subset(test_set, zoo.check_images)
+    assert len(subset) == entry.subset_check["images"]
+    mean, std = normalization_of(model, model.reassembly_metadata)
+    result = evaluate(model, subset, mean, std, progress=False)
+    assert abs(result.top1 - entry.subset_check["top1"]) <= 100 / len(subset) + 1e-9  # at most one image differs
+
+
+def test_tampered_weights_are_refused(tmp_path, monkeypatch):
+    if not ENTRIES:
+        pytest.skip("no weights shipped yet")
+    entry = ENTRIES[0]
+    shutil.copytree(pretrained.WEIGHTS_DIR, tmp_path / "weights")
+    data = bytearray((tmp_path / "weights" / entry.file).read_bytes())
+    data[-1] ^= 0xFF
+    (tmp_path / "weights" / entry.file).write_bytes(bytes(data))
+    monkeypatch.setattr(pretrained, "WEIGHTS_DIR", tmp_path / "weights")
+    with pytest.raises(CheckpointError, match="sha256"):
+        create_model(entry.name, pretrained=True)
+
+
+def test_unknown_pretrained_name():
+    with pytest.raises(UnknownModelError, match="no pretrained weights named"):
+        create_model("resnet20_imagenet21k", pretrained=True)
