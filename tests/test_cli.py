@@ -28,7 +28,7 @@ def assert_one_line_error(proc, *needles):
         assert needle in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("verb", [[], ["zoo"], ["zoo", "list"], ["zoo", "train"], ["zoo", "ship"], ["zoo", "recipes"], ["info"], ["eval"], ["convert"]])
+@pytest.mark.parametrize("verb", [[], ["zoo"], ["zoo", "list"], ["zoo", "train"], ["zoo", "ship"], ["zoo", "recipes"], ["info"], ["dissect"], ["eval"], ["convert"]])
 def test_every_verb_has_help(verb):
     out = run(*verb, "--help").stdout
     assert "Usage:" in out and len(out.splitlines()) > 3
@@ -94,3 +94,20 @@ def test_eval_third_party_resnet20(tmp_path):
     # The JPEG (quality 75, 4:2:0) copy costs these clean-data models about 10 points: 81% measured, 91.7% published.
     # A loading bug (wrong normalisation, shortcut, key mapping or class order) drops far below this bound.
     assert result["top1"] > 78.0, out
+
+
+def test_dissect_verifies_and_writes_json(tmp_path):
+    import json
+
+    out = run("dissect", "cifar_resnet20", "--json", str(tmp_path / "c.json")).stdout
+    assert "layer3.2" in out and "blocks recompose the model" in out
+    chain = json.loads((tmp_path / "c.json").read_text())
+    assert chain["model"] == "cifar_resnet20" and chain["input_size"] == [3, 32, 32]
+    kinds = [node["kind"] for node in chain["nodes"]]
+    assert kinds == ["stem"] + ["body"] * 9 + ["head"]
+    assert sum(node["params"] for node in chain["nodes"]) == 269_722
+    assert {"name", "modules", "in_shape", "out_shape", "params", "macs"} <= set(chain["nodes"][1])
+
+
+def test_dissect_unknown_cut_is_named():
+    assert_one_line_error(run("dissect", "cifar_resnet20", "--cuts", "layer1,layer9", check_ok=False), "layer9")

@@ -180,7 +180,7 @@ def info(model_name, num_classes, input_size, checkpoint, depth, json_out):
     from .zoo import create_model
 
     model = create_model(model_name, num_classes=num_classes, checkpoint=checkpoint)
-    size = parse_input_size(input_size) or _default_input_size(model_name)
+    size = parse_input_size(input_size) or _default_input_size(model_name, model)
     rows = layer_table(model, size, max_depth=depth)
     params, macs = count_params(model), count_macs(model, size)
     click.echo(f"{model_name}: {params:,} parameters, {macs:,} MACs ({human(macs)}) at input {'x'.join(map(str, size))}")
@@ -192,12 +192,55 @@ def info(model_name, num_classes, input_size, checkpoint, depth, json_out):
                               "layers": [r.__dict__ | {"out_shape": list(r.out_shape)} for r in rows]})
 
 
-def _default_input_size(model_name: str) -> tuple[int, int, int]:
+def _default_input_size(model_name: str, model=None) -> tuple[int, int, int]:
     from .zoo import model_info
 
     if model_name.startswith("timm:"):
-        return (3, 224, 224)
-    return model_info(model_name).input_size
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        return tuple(cfg.get("input_size", (3, 224, 224)))
+    name = getattr(model, "reassembly_name", None) or model_name
+    return model_info(name).input_size
+
+
+@cli.command()
+@click.argument("model_name", metavar="MODEL")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="Weights to load first.")
+@click.option("--pretrained", is_flag=True, help="Load the weights shipped with the package.")
+@click.option("--num-classes", type=int, default=None, help="Classifier width (default: the architecture's).")
+@click.option("--input-size", default=None, help="C,H,W of one input (default: the architecture's).")
+@click.option("--granularity", type=click.Choice(["block", "stage", "fine"]), default="block", show_default=True,
+              help="block: one node per residual/transformer block; stage: per resolution stage; fine: every "
+                   "legal cut.")
+@click.option("--cuts", default=None,
+              help="Comma-separated module names to cut after instead (works for models torch.fx cannot trace).")
+@click.option("--json", "json_out", default=None, help="Write the node chain as JSON to this path.")
+def dissect(model_name, checkpoint, pretrained, num_classes, input_size, granularity, cuts, json_out):
+    """Cut MODEL into a chain of atomic nodes (stem, body..., head) and check that the blocks recompose it.
+
+    A cut is legal where one tensor carries all the state from the front of the network to the back. The
+    command runs the blocks in order on a random batch and compares with the whole model before it reports.
+
+    \b
+    reassembly dissect cifar_resnet20
+    reassembly dissect mobilenext_100 --granularity stage --json mobilenext.json
+    reassembly dissect my_net --cuts layer1,layer2,layer3
+    """
+    import torch
+
+    from .graph import dissect as dissect_model
+    from .zoo import create_model
+
+    model = create_model(model_name, num_classes=num_classes, checkpoint=checkpoint, pretrained=pretrained)
+    size = parse_input_size(input_size) or _default_input_size(model_name, model)
+    cut_names = [c.strip() for c in cuts.split(",") if c.strip()] if cuts else None
+    chain = dissect_model(model, size, granularity=granularity, cuts=cut_names, name=model_name)
+    example = torch.randn(2, *size, generator=torch.Generator().manual_seed(1))
+    error = chain.verify(example)
+    click.echo(chain.summary())
+    opaque = f"; kept whole (untraceable): {', '.join(chain.opaque)}" if chain.opaque else ""
+    click.echo(f"{len(chain)} nodes; blocks recompose the model (relative error {error:.1e}){opaque}")
+    if json_out:
+        write_json(json_out, chain.to_dict())
 
 
 @cli.command("eval")

@@ -60,17 +60,18 @@ class SandGlass(nn.Module):
         self.use_shortcut = can_add if shortcut is None else shortcut
         if self.use_shortcut and not can_add:
             raise ValueError("a shortcut needs stride 1 and equal input and output channels")
+        self.out_channels = out_channels
         self.identity_channels = int(out_channels * identity_ratio) if self.use_shortcut else 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv(x)
         if not self.use_shortcut:
             return out
-        k = self.identity_channels
-        if k == out.shape[1]:
+        k, rest = self.identity_channels, self.out_channels - self.identity_channels
+        if rest == 0:  # plain ints, so that torch.fx traces through the block
             return out + x
-        out_id, out_rest = torch.split(out, [k, out.shape[1] - k], dim=1)
-        x_id, _ = torch.split(x, [k, x.shape[1] - k], dim=1)
+        out_id, out_rest = torch.split(out, [k, rest], dim=1)
+        x_id, _ = torch.split(x, [k, rest], dim=1)
         return torch.cat([out_id + x_id, out_rest], dim=1)
 
 

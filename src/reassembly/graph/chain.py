@@ -1,0 +1,182 @@
+"""The node chain: atomic nodes with metadata, and runnable blocks cut out of the model's own graph.
+
+A block ``chain[i:j]`` is an ``fx.GraphModule`` holding *references* to the model's submodules and parameters, so
+training a block trains the model, and its ``state_dict`` keys are the model's own (``layer1.0.conv1.weight``).
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Iterator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .cuts import Dataflow
+from .nodes import NodeInfo, segment_nodes
+from .plan import Segment
+
+_INPLACE_OPERATORS = {
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+    operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
+    operator.ilshift, operator.irshift, operator.imatmul, operator.setitem,
+}  # fmt: skip
+
+
+class NodeChain:
+    """A model dissected into an ordered chain of atomic nodes.
+
+    ``len(chain)`` nodes; ``chain[i]`` is a :class:`NodeInfo`; ``chain[i:j]`` is an ``nn.Module`` (an
+    ``fx.GraphModule`` whose ``node_names`` lists the nodes it runs) that maps the output of node ``i-1`` (the model
+    input when ``i == 0``) to the output of node ``j-1``. Running ``chain[0:k]`` then ``chain[k:len(chain)]``
+    reproduces the model."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        root: nn.Module,
+        flow: Dataflow,
+        segments: list[Segment],
+        nodes: list[NodeInfo],
+        *,
+        name: str,
+        input_size: tuple[int, ...],
+        granularity: str,
+        method: str,
+        opaque: tuple[str, ...] = (),
+    ):
+        self.model = model
+        self.name = name
+        self.input_size = input_size
+        self.granularity = granularity
+        self.method = method
+        self.opaque = opaque  # modules kept whole because torch.fx could not trace them
+        self.nodes = nodes
+        self._root = root
+        self._flow = flow
+        self._segments = segments
+        self._blocks: dict[tuple[int, int], fx.GraphModule] = {}
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def __iter__(self) -> Iterator[NodeInfo]:
+        return iter(self.nodes)
+
+    def __getitem__(self, key: int | slice) -> NodeInfo | fx.GraphModule:
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            if step != 1:
+                raise ValueError("a block is a contiguous run of nodes; slices cannot have a step")
+            return self.block(start, stop)
+        return self.nodes[key]
+
+    def __repr__(self) -> str:
+        return f"NodeChain({self.name}, {len(self)} nodes, granularity={self.granularity!r})"
+
+    @property
+    def params(self) -> int:
+        return sum(node.params for node in self.nodes)
+
+    @property
+    def macs(self) -> int:
+        return sum(node.macs for node in self.nodes)
+
+    def index(self, name: str) -> int:
+        """Position of the node called ``name``."""
+        for node in self.nodes:
+            if node.name == name:
+                return node.index
+        raise KeyError(f"{self.name} has no node named {name!r}; nodes: {[node.name for node in self.nodes]}")
+
+    def block(self, start: int, stop: int) -> fx.GraphModule:
+        """An ``nn.Module`` running nodes ``start .. stop-1`` (sharing the model's parameters; built once)."""
+        if not 0 <= start < stop <= len(self):
+            raise IndexError(f"block [{start}:{stop}] is empty or outside the chain of {len(self)} nodes")
+        if (start, stop) not in self._blocks:
+            self._blocks[start, stop] = self._build_block(start, stop)
+        return self._blocks[start, stop]
+
+    def _build_block(self, start: int, stop: int) -> fx.GraphModule:
+        flow = self._flow
+        graph = fx.Graph()
+        entry = graph.placeholder("x")
+        env: dict[fx.Node, fx.Node] = {flow.value_after(self._segments[start].start): entry}
+
+        def lookup(node: fx.Node) -> fx.Node:
+            if node not in env:  # parameters and constants are recomputed wherever they are needed
+                if node not in flow.constants:
+                    raise AssertionError(f"node {node.name} crosses a cut that was deemed legal")
+                env[node] = graph.node_copy(node, lookup)
+            return env[node]
+
+        for segment in self._segments[start:stop]:
+            for node in segment_nodes(flow, segment):
+                env[node] = graph.node_copy(node, lookup)
+        result = flow.value_after(self._segments[stop - 1].end)
+        graph.output(fx.map_arg(result, lookup))
+        _protect_input(graph, entry, self._root)
+        names = [node.name for node in self.nodes[start:stop]]
+        block = fx.GraphModule(self._root, graph, class_name="ChainBlock")
+        block.node_names = names
+        return block
+
+    def split(self, boundaries: list[int]) -> nn.ModuleList:
+        """Consecutive blocks ``[0:b1], [b1:b2], ..., [bk:len]`` for node indices ``boundaries``."""
+        bounds = [0, *boundaries, len(self)]
+        return nn.ModuleList(self.block(a, b) for a, b in zip(bounds[:-1], bounds[1:]))
+
+    def to_dict(self) -> dict:
+        """JSON-ready description: model, input size, granularity, totals and one record per node."""
+        return {
+            "model": self.name,
+            "input_size": list(self.input_size),
+            "granularity": self.granularity,
+            "method": self.method,
+            "opaque": list(self.opaque),
+            "params": self.params,
+            "macs": self.macs,
+            "nodes": [node.to_dict() for node in self.nodes],
+        }
+
+    def verify(self, x: torch.Tensor, tolerance: float = 1e-5) -> float:
+        """Check recomposition and recorded shapes on ``x``; return the relative error (see :func:`verify`)."""
+        from .verify import verify
+
+        return verify(self, self.model, x, tolerance=tolerance)
+
+    def summary(self) -> str:
+        """A fixed-width table of the nodes, for people."""
+        rows = [f"{'#':>3} {'kind':<5} {'name':<32} {'out_shape':<18} {'red':>5} {'params':>11} {'MACs':>14}"]
+        for node in self.nodes:
+            shape = "x".join(map(str, node.out_shape)) if node.out_shape else "-"
+            reduction = "-" if node.reduction is None else f"{node.reduction:g}"
+            rows.append(
+                f"{node.index:>3} {node.kind:<5} {node.name[:32]:<32} {shape:<18} {reduction:>5} "
+                f"{node.params:>11,} {node.macs:>14,}"
+            )
+        rows.append(f"{'':>3} {'total':<5} {'':<32} {'':<18} {'':>5} {self.params:>11,} {self.macs:>14,}")
+        return "\n".join(rows)
+
+
+def _mutates_first_argument(node: fx.Node, root: nn.Module) -> bool:
+    if node.op == "call_module":
+        return bool(getattr(root.get_submodule(node.target), "inplace", False))
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return node.target in _INPLACE_OPERATORS or node.kwargs.get("inplace") is True or (
+            name.endswith("_") and not name.startswith("_")
+        )
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("_")
+    return False
+
+
+def _protect_input(graph: fx.Graph, entry: fx.Node, root: nn.Module) -> None:
+    """Clone the block input if the block would modify it in place (the caller may still hold that tensor)."""
+    if not any(user.args and user.args[0] is entry and _mutates_first_argument(user, root) for user in entry.users):
+        return
+    with graph.inserting_after(entry):
+        copy = graph.call_method("clone", (entry,))
+    entry.replace_all_uses_with(copy, delete_user_cb=lambda user: user is not copy)

@@ -1,0 +1,158 @@
+"""Symbolic tracing that remembers, for every graph node, which module calls it was created inside.
+
+The module-call scope is what turns a flat dataflow graph back into names a person recognises (``layer1.0``,
+``blocks.3``) and what tells block boundaries apart from cuts inside a block. A trace failure is pinned on the
+innermost module whose ``forward`` could not be traced: that module's class is then kept whole, or, when the
+top-level forward itself fails, the error names where the data-dependent code lives.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from collections import Counter
+from dataclasses import dataclass
+
+import torch.fx as fx
+import torch.nn as nn
+
+from .errors import DissectionError, UntraceableModelError
+
+SCOPE = "reassembly_scope"
+"""``node.meta`` key: tuple of ``(module_path, call_index)`` for the module calls enclosing the node, outermost first.
+For a ``call_module`` node the last entry is the called (leaf) module itself."""
+
+Call = tuple[str, int]
+
+
+@dataclass
+class TracedModel:
+    """A traced graph whose nodes carry module-call scopes.
+
+    ``root`` owns (by reference) every submodule, parameter and constant the graph uses; ``opaque`` lists the
+    modules kept whole because their forward could not be traced."""
+
+    root: nn.Module
+    graph: fx.Graph
+    method: str  # "fx" for symbolic tracing, "module-calls" for the hook-recorded chain of module calls
+    opaque: tuple[str, ...] = ()
+
+
+class _ScopedTracer(fx.Tracer):
+    """An fx tracer that records module-call scopes and tags trace failures with the innermost failing module."""
+
+    def __init__(self, extra_leaves: tuple[type, ...], autowrap_functions: tuple):
+        super().__init__(autowrap_functions=autowrap_functions, param_shapes_constant=True)
+        self._extra_leaves = extra_leaves
+        self._stack: list[Call] = []
+        self._calls: Counter[str] = Counter()
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return super().is_leaf_module(m, module_qualified_name) or isinstance(m, self._extra_leaves)
+
+    def call_module(self, m, forward, args, kwargs):
+        path = self.path_of_module(m)  # raises for a module created inside forward: the enclosing call is blamed
+        self._stack.append((path, self._calls[path]))
+        self._calls[path] += 1
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as error:
+            if not hasattr(error, "reassembly_module_path"):
+                error.reassembly_module_path = path
+            raise
+        finally:
+            self._stack.pop()
+
+    def create_node(self, *args, **kwargs):
+        node = super().create_node(*args, **kwargs)
+        node.meta[SCOPE] = tuple(self._stack)
+        return node
+
+
+def _timm_notrace() -> tuple[tuple[type, ...], tuple]:
+    """timm's own lists of modules and functions that fx must not trace into (only if timm is already loaded)."""
+    layers = sys.modules.get("timm.layers")
+    if layers is None:
+        return (), ()
+    modules = tuple(getattr(layers, "get_notrace_modules", lambda: ())())
+    functions = tuple(getattr(layers, "get_notrace_functions", lambda: ())())
+    return modules, functions
+
+
+def _specialise_extra_arguments(model: nn.Module) -> dict:
+    """Bind every forward argument after the input to its default, so the graph has exactly one input."""
+    parameters = list(inspect.signature(model.forward).parameters.values())[1:]
+    concrete = {}
+    for parameter in parameters:
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        if parameter.default is parameter.empty:
+            raise DissectionError(
+                f"{type(model).__name__}.forward needs argument `{parameter.name}` besides the input; dissection "
+                "feeds a single tensor, so wrap the model in a module whose forward takes only that tensor"
+            )
+        concrete[parameter.name] = parameter.default
+    return concrete
+
+
+def _drop_specialisation_guards(graph: fx.Graph) -> None:
+    """Remove the placeholders fx keeps for specialised arguments, and the assertions that guard them."""
+    extra = [node for node in graph.nodes if node.op == "placeholder"][1:]
+    doomed: list[fx.Node] = []
+    frontier = list(extra)
+    while frontier:
+        node = frontier.pop()
+        if node in doomed:
+            continue
+        doomed.append(node)
+        frontier.extend(node.users)
+    doomed_set = set(doomed)
+    for node in doomed:
+        if any(user not in doomed_set for user in node.users):
+            raise DissectionError(f"specialised forward argument feeds the computation through `{node.name}`")
+    position = {node: index for index, node in enumerate(graph.nodes)}
+    for node in sorted(doomed, key=position.__getitem__, reverse=True):
+        graph.erase_node(node)
+
+
+def trace(model: nn.Module, model_name: str, strict: bool = False) -> TracedModel:
+    """Trace ``model`` with torch.fx.
+
+    When the forward of a submodule cannot be traced (Python control flow on tensor values or shapes), modules of
+    its class are kept whole, as single opaque operations, and tracing is retried; with ``strict`` the first failure
+    raises instead. Raises :class:`UntraceableModelError` naming the innermost failing module when the top-level
+    forward itself cannot be traced, or under ``strict``."""
+    leaves, functions = _timm_notrace()
+    concrete = _specialise_extra_arguments(model)
+    opaque_types: tuple[type, ...] = ()
+    while True:
+        tracer = _ScopedTracer(leaves + opaque_types, functions)
+        try:
+            graph = tracer.trace(model, concrete_args=concrete or None)
+            break
+        except Exception as error:
+            path = getattr(error, "reassembly_module_path", "")
+            if strict or not path or isinstance(model.get_submodule(path), opaque_types):
+                raise _untraceable(model, model_name, error) from error
+            opaque_types += (type(model.get_submodule(path)),)
+    if concrete:
+        _drop_specialisation_guards(graph)
+    root = fx.GraphModule(tracer.root, graph)  # holds references to the model's own modules and parameters
+    opaque = tuple(
+        node.target
+        for node in graph.nodes
+        if node.op == "call_module" and isinstance(model.get_submodule(node.target), opaque_types)
+    )
+    return TracedModel(root, graph, "fx", tuple(dict.fromkeys(opaque)))
+
+
+def _untraceable(model: nn.Module, model_name: str, error: Exception) -> UntraceableModelError:
+    path = getattr(error, "reassembly_module_path", "")
+    where = f"module `{path}` ({type(model.get_submodule(path)).__name__})" if path else "the top-level forward"
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    example = ", ".join(f'"{name}"' for name, _ in list(model.named_children())[:3]) or '"features"'
+    return UntraceableModelError(
+        f"torch.fx cannot trace {where} of {model_name}: {reason}. Pass the cut points by module name instead, "
+        f"e.g. dissect(model, cuts=[{example}]); the chain is then built from the recorded module calls",
+        path,
+    )

@@ -1,0 +1,42 @@
+"""Every built-in architecture dissects into a chain whose blocks reproduce the model at its input size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+registry = pytest.importorskip("reassembly.zoo.registry")
+
+from reassembly.graph import dissect, verify  # noqa: E402
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small forward passes: extra intra-op threads only contend (badly so when the cores are busy)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("name", registry.list_models())
+def test_zoo_model_dissects_and_recomposes(name):
+    model = registry.create_model(name).eval()
+    size = registry.model_info(name).input_size
+    chain = dissect(model, size, name=name)
+    assert verify(chain, model, torch.randn(2, *size)) < 1e-5
+    kinds = [node.kind for node in chain]
+    assert kinds[0] == "stem" and kinds[-1] == "head" and set(kinds[1:-1]) == {"body"}
+    assert len({node.name for node in chain}) == len(chain)
+    assert chain.params == sum(p.numel() for p in model.parameters())
+    assert chain[-1].out_shape == (registry.model_info(name).default_num_classes,)
+
+
+def test_resnet_nodes_are_its_residual_blocks():
+    model = registry.create_model("cifar_resnet20").eval()
+    chain = dissect(model, (3, 32, 32))
+    body = [node.name for node in chain if node.kind == "body"]
+    assert body == [f"layer{stage}.{block}" for stage in (1, 2, 3) for block in range(3)]
+    stages = dissect(model, (3, 32, 32), granularity="stage")
+    assert [node.name for node in stages if node.kind == "body"] == ["layer1", "layer2", "layer3"]
