@@ -31,7 +31,10 @@ test-slow: setup data
 	$(BIN)/pytest -q -m slow
 
 demo: setup data
+	$(BIN)/reassembly zoo list
 	$(BIN)/reassembly info cifar_resnet20 --depth 2
+	$(BIN)/reassembly dissect mobilenext_100 --granularity stage
+	$(BIN)/reassembly eval --model resnet20_cifar5 --pretrained --data 'cifar10[0:5]' --split test
 	$(BIN)/reassembly eval --model cifar_resnet20 --checkpoint $(AKAMASTER)/resnet20-12fca82f.th --data cifar10 --split test
 	$(BIN)/reassembly eval --model cifar_resnet32 --checkpoint $(AKAMASTER)/resnet32-d509ac18.th --data cifar10 --split test
 

@@ -13,6 +13,15 @@ needs_cifar = pytest.mark.skipif(not CIFAR_ZIP.is_file(), reason=f"{CIFAR_ZIP} i
 needs_akamaster = pytest.mark.skipif(not AKAMASTER.is_dir(), reason=f"{AKAMASTER} is not available")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """The tests run small forward passes, where extra intra-op threads only contend (badly so on a busy machine)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

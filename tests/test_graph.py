@@ -354,14 +354,6 @@ MODELS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small forward passes: extra intra-op threads only contend (badly so when the cores are busy)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def _randomise_norms(model: nn.Module) -> nn.Module:
     """Non-trivial running statistics, so that eval-mode batch norm is not the identity."""

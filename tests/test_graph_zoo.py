@@ -5,19 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-registry = pytest.importorskip("reassembly.zoo.registry")
-
-from reassembly.graph import dissect, verify  # noqa: E402
-
+from reassembly.graph import dissect, verify
+from reassembly.zoo import registry
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small forward passes: extra intra-op threads only contend (badly so when the cores are busy)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("name", registry.list_models())

@@ -265,6 +265,11 @@ def eval_cmd(model_name, checkpoint, pretrained, data_spec, split, data_root, nu
     from .evaluate import evaluate, normalization_of
     from .zoo import create_model
 
+    if pretrained:  # read the images the way the shipped model was trained on them unless told otherwise
+        from .zoo.pretrained import manifest_entry
+
+        entry = manifest_entry(model_name)
+        image_size, channels = image_size or entry.image_size, channels or entry.channels
     dataset = load_dataset(data_spec, split, root=data_root, image_size=image_size, channels=channels)
     if limit is not None:
         dataset = dataset.subset(range(min(limit, len(dataset))))

@@ -44,16 +44,22 @@ def _example_input(model: nn.Module, input_size) -> torch.Tensor:
     return torch.zeros(1, *input_size, device=device, dtype=dtype)
 
 
-def count_macs(model: nn.Module, input_size=(3, 32, 32)) -> int:
-    """MACs of one forward pass on one image of shape ``input_size`` (C, H, W)."""
-    was_training = model.training
+def _counted_forward(model: nn.Module, input_size) -> FlopCounterMode:
+    """One eval-mode forward pass on a zero image under a MAC counter; every module's mode is restored after."""
+    modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
         with torch.no_grad(), mac_counter() as counter:
             model(_example_input(model, input_size))
     finally:
-        model.train(was_training)
-    return counter.get_total_flops() // 2
+        for module, training in modes.items():
+            module.training = training
+    return counter
+
+
+def count_macs(model: nn.Module, input_size=(3, 32, 32)) -> int:
+    """MACs of one forward pass on one image of shape ``input_size`` (C, H, W)."""
+    return _counted_forward(model, input_size).get_total_flops() // 2
 
 
 @dataclass
@@ -85,13 +91,9 @@ def layer_table(model: nn.Module, input_size=(3, 32, 32), max_depth: int | None 
         out_shapes[name] = tuple(output.shape[1:]) if isinstance(output, torch.Tensor) else ()
 
     handles = [m.register_forward_hook(record) for m in names]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad(), mac_counter() as counter:
-            model(_example_input(model, input_size))
+        counter = _counted_forward(model, input_size)
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     root = type(model).__name__ + "."

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from ..registry import register_model
+
+MOBILE_WIDTHS = (0.35, 0.5, 0.75, 1.0, 1.4)
+
 
 def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
     """Round ``value`` to the nearest multiple of ``divisor`` without losing more than 10% (MobileNet rule)."""
@@ -52,3 +56,23 @@ class ClassifierHead(nn.Sequential):
             nn.Dropout(dropout) if dropout > 0 else nn.Identity(),
             nn.Linear(in_features, num_classes),
         )
+
+
+def register_mobile_widths(family: str, builder, label: str, imagenet_doc: str, cifar_doc: str) -> None:
+    """Register ``<family>_<width%>`` (ImageNet layout) and ``cifar_<family>_<width%>`` (32x32 layout: stem stride 1,
+    width-scaled last stage) for every width in ``MOBILE_WIDTHS``; ``builder(num_classes, width, **kwargs)``."""
+    for width in MOBILE_WIDTHS:
+        tag = f"{int(round(width * 100)):03d}"
+
+        def imagenet(num_classes: int = 1000, _width=width, **kwargs) -> nn.Module:
+            return builder(num_classes, _width, **kwargs)
+
+        def cifar(num_classes: int = 10, _width=width, **kwargs) -> nn.Module:
+            kwargs.setdefault("stem_stride", 1)
+            kwargs.setdefault("scale_head", True)
+            return builder(num_classes, _width, **kwargs)
+
+        imagenet.__name__, imagenet.__doc__ = f"{family}_{tag}", f"{label} x{width}, {imagenet_doc}"
+        cifar.__name__, cifar.__doc__ = f"cifar_{family}_{tag}", f"{label} x{width}, {cifar_doc}"
+        register_model(family=family, input_size=(3, 224, 224), num_classes=1000)(imagenet)
+        register_model(family=family)(cifar)

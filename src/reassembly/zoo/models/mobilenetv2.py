@@ -9,8 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..registry import register_model
-from ._layers import ClassifierHead, ConvBNAct, init_mobile_weights, make_divisible
+from ._layers import ClassifierHead, ConvBNAct, init_mobile_weights, make_divisible, register_mobile_widths
 
 # (expansion t, output channels c, repeats n, first stride s)
 STAGES = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
@@ -61,25 +60,6 @@ class MobileNetV2(nn.Module):
         return self.classifier(self.features(x))
 
 
-def _register(width: float):
-    tag = f"{int(round(width * 100)):03d}"
-
-    def imagenet(num_classes: int = 1000, **kwargs) -> nn.Module:
-        return MobileNetV2(num_classes, width, **kwargs)
-
-    imagenet.__name__ = f"mobilenetv2_{tag}"
-    imagenet.__doc__ = f"MobileNetV2 x{width}, ImageNet layout (224x224, stem stride 2, 1280-wide last conv)."
-    register_model(family="mobilenetv2", input_size=(3, 224, 224), num_classes=1000)(imagenet)
-
-    def cifar(num_classes: int = 10, **kwargs) -> nn.Module:
-        kwargs.setdefault("stem_stride", 1)
-        kwargs.setdefault("scale_head", True)
-        return MobileNetV2(num_classes, width, **kwargs)
-
-    cifar.__name__ = f"cifar_mobilenetv2_{tag}"
-    cifar.__doc__ = f"MobileNetV2 x{width}, 32x32 layout (stem stride 1, width-scaled last conv)."
-    register_model(family="mobilenetv2")(cifar)
-
-
-for _width in (0.35, 0.5, 0.75, 1.0, 1.4):
-    _register(_width)
+register_mobile_widths("mobilenetv2", MobileNetV2, "MobileNetV2",
+                       "ImageNet layout (224x224, stem stride 2, 1280-wide last conv).",
+                       "32x32 layout (stem stride 1, width-scaled last conv).")

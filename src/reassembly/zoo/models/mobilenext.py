@@ -12,8 +12,7 @@ import math
 import torch
 import torch.nn as nn
 
-from ..registry import register_model
-from ._layers import ClassifierHead, ConvBNAct, init_mobile_weights, make_divisible
+from ._layers import ClassifierHead, ConvBNAct, init_mobile_weights, make_divisible, register_mobile_widths
 
 # (reduction t, output channels c, repeats n, first stride s); n=3 for the 960 stage (the arXiv table's 2 is a typo)
 STAGES = [(2, 96, 1, 2), (6, 144, 1, 1), (6, 192, 3, 2), (6, 288, 3, 2), (6, 384, 4, 1), (6, 576, 4, 2),
@@ -132,25 +131,6 @@ class MobileNeXt(nn.Module):
         return self.classifier(self.features(x))
 
 
-def _register(width: float):
-    tag = f"{int(round(width * 100)):03d}"
-
-    def imagenet(num_classes: int = 1000, **kwargs) -> nn.Module:
-        return MobileNeXt(num_classes, width, **kwargs)
-
-    imagenet.__name__ = f"mobilenext_{tag}"
-    imagenet.__doc__ = f"MobileNeXt x{width}, ImageNet layout, official block shapes (kwargs variant, identity_ratio)."
-    register_model(family="mobilenext", input_size=(3, 224, 224), num_classes=1000)(imagenet)
-
-    def cifar(num_classes: int = 10, **kwargs) -> nn.Module:
-        kwargs.setdefault("stem_stride", 1)
-        kwargs.setdefault("scale_head", True)
-        return MobileNeXt(num_classes, width, **kwargs)
-
-    cifar.__name__ = f"cifar_mobilenext_{tag}"
-    cifar.__doc__ = f"MobileNeXt x{width}, 32x32 layout (stem stride 1, width-scaled last stage)."
-    register_model(family="mobilenext")(cifar)
-
-
-for _width in (0.35, 0.5, 0.75, 1.0, 1.4):
-    _register(_width)
+register_mobile_widths("mobilenext", MobileNeXt, "MobileNeXt",
+                       "ImageNet layout, official block shapes (kwargs variant, identity_ratio).",
+                       "32x32 layout (stem stride 1, width-scaled last stage).")
