@@ -111,3 +111,15 @@ def test_dissect_verifies_and_writes_json(tmp_path):
 
 def test_dissect_unknown_cut_is_named():
     assert_one_line_error(run("dissect", "cifar_resnet20", "--cuts", "layer1,layer9", check_ok=False), "layer9")
+
+
+def test_zoo_list_prints_the_manifest():
+    from reassembly.zoo.pretrained import load_manifest
+
+    entries = load_manifest()
+    if not entries:
+        pytest.skip("no weights shipped yet")
+    out = run("zoo", "list").stdout
+    for entry in entries:
+        assert entry.name in out and f"{entry.test_accuracy:.2f}" in out
+    assert run("zoo", "list", "--markdown").stdout.startswith("| model |")

@@ -87,7 +87,8 @@ def zoo():
 @zoo.command("list")
 @click.option("--archs", is_flag=True, help="List every built-in architecture (with parameters and MACs) instead.")
 @click.option("--filter", "pattern", default="*", show_default=True, help="Shell-style name filter, e.g. 'cifar_*'.")
-def zoo_list(archs: bool, pattern: str):
+@click.option("--markdown", is_flag=True, help="Print the pretrained-model table as markdown (for results files).")
+def zoo_list(archs: bool, pattern: str, markdown: bool):
     """Print the pretrained-model manifest (accuracy, parameters, MACs), or the architectures with --archs."""
     from .measure import count_macs, count_params
     from .zoo import create_model, list_models, model_info
@@ -106,10 +107,14 @@ def zoo_list(archs: bool, pattern: str):
     if not entries:
         click.echo("No pretrained weights are shipped yet (see `reassembly zoo list --archs` for the architectures).")
         return
+    headers = ["model", "architecture", "trained on", "test top-1 %", "params", "MACs", "epochs", "seed"]
     rows = [[e.name, e.architecture, e.source_data, f"{e.test_accuracy:.2f}", human(e.params), human(e.macs),
              e.epochs, e.seed] for e in entries]
-    click.echo(format_table(["model", "architecture", "trained on", "test top-1 %", "params", "MACs", "epochs",
-                             "seed"], rows, "lllrrrrr"))
+    if markdown:
+        lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        click.echo("\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows]))
+        return
+    click.echo(format_table(headers, rows, "lllrrrrr"))
 
 
 @zoo.command("train")
