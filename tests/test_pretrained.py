@@ -59,3 +59,14 @@ def test_tampered_weights_are_refused(tmp_path, monkeypatch):
 def test_unknown_pretrained_name():
     with pytest.raises(UnknownModelError, match="no pretrained weights named"):
         create_model("resnet20_imagenet21k", pretrained=True)
+
+
+def test_sandglass_pair_is_matched_in_cost_and_recipe():
+    from reassembly.measure import count_macs, count_params
+
+    pair = [ZOO_RECIPES["mobilenext_cifar5"], ZOO_RECIPES["mobilenetv2_cifar5"]]
+    assert pair[0].recipe == pair[1].recipe and pair[0].seed == pair[1].seed and pair[0].data == pair[1].data
+    models = [create_model(z.architecture, num_classes=5, **z.model_kwargs) for z in pair]
+    params = [count_params(m) for m in models]
+    macs = [count_macs(m, (3, 32, 32)) for m in models]
+    assert abs(params[0] / params[1] - 1) < 0.05 and abs(macs[0] / macs[1] - 1) < 0.05
