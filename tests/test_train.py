@@ -66,3 +66,18 @@ def test_warmup_cosine_schedule():
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(55) == pytest.approx(0.5) and f(100) == pytest.approx(0.0)
     assert all(f(i) >= f(i + 1) for i in range(10, 100))
+
+
+def test_channels_last_trains_to_the_same_model_up_to_rounding(tmp_path):
+    def no_dropout():  # dropout draws its masks in memory order, so only a dropout-free model can match exactly
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                             nn.Flatten(), nn.Linear(8, 3))
+
+    data = tiny_task()
+    train_classifier(no_dropout(), data, None, RECIPE, tmp_path / "nchw", seed=3, progress=False)
+    train_classifier(no_dropout(), data, None, RECIPE, tmp_path / "nhwc", seed=3, progress=False, channels_last=True)
+    a, _ = read_state_dict(tmp_path / "nchw" / "final.safetensors")
+    b, _ = read_state_dict(tmp_path / "nhwc" / "final.safetensors")
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-4, rtol=1e-3), key

@@ -66,11 +66,15 @@ def train_classifier(
     metadata: dict | None = None,
     progress: bool = True,
     stop_after: int | None = None,
+    channels_last: bool = False,
 ) -> dict:
     """Train ``model`` in ``run_dir``, resuming from its last finished epoch; returns the summary so far.
 
     ``stop_after`` returns after that many epochs in this call, to split a long run over several sessions;
-    ``final.safetensors`` is written only when the recipe's last epoch is done.
+    ``final.safetensors`` is written only when the recipe's last epoch is done. ``channels_last`` runs convolutions
+    in NHWC memory layout, which is much faster on CPU for depthwise convolutions
+    (``benchmarks/bench_train_step.py``); it changes kernels and the order in which dropout draws its masks, not
+    the function being trained.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -80,6 +84,8 @@ def train_classifier(
     _check_recipe(run_dir, recipe, seed)
     accelerator = Accelerator()
     set_seed(seed)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
     optimizer = make_optimizer(model, recipe)
     steps_per_epoch = math.ceil(len(train_set) / recipe.batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -107,7 +113,7 @@ def train_classifier(
         bar = tqdm(loader, desc=f"{run_dir.name} epoch {epoch + 1}/{recipe.epochs}", unit="batch",
                    disable=not progress or not accelerator.is_local_main_process, leave=False)
         for images, labels in bar:
-            logits = model(augment(images))
+            logits = model(augment(images).contiguous(memory_format=memory_format))
             loss = F.cross_entropy(logits, labels, label_smoothing=recipe.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)

@@ -50,7 +50,7 @@ def train_zoo_model(name: str, out: str | Path = "runs/zoo", data_root=None, epo
     run_dir = Path(out) / name
     train_classifier(model, train_set, test_set, recipe, run_dir, seed=zoo.seed, mean=info.mean, std=info.std,
                      metadata={"zoo_name": name, "architecture": zoo.architecture, "data": zoo.data},
-                     progress=progress)
+                     progress=progress, channels_last=zoo.channels_last)
     return run_dir
 
 
