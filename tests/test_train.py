@@ -81,3 +81,13 @@ def test_channels_last_trains_to_the_same_model_up_to_rounding(tmp_path):
     b, _ = read_state_dict(tmp_path / "nhwc" / "final.safetensors")
     for key in a:
         assert torch.allclose(a[key].float(), b[key].float(), atol=1e-4, rtol=1e-3), key
+
+
+def test_a_run_directory_in_use_is_refused(tmp_path):
+    import fcntl
+
+    (tmp_path / "run").mkdir()
+    with open(tmp_path / "run" / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        with pytest.raises(ReassemblyError, match="being trained by another process"):
+            train_classifier(tiny_model(), tiny_task(), None, RECIPE, tmp_path / "run", progress=False)

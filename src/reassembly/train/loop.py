@@ -8,6 +8,7 @@ when done, ``final.safetensors``. Each epoch's data order, augmentation and drop
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -76,11 +77,32 @@ def train_classifier(
     (``benchmarks/bench_train_step.py``); it changes kernels and the order in which dropout draws its masks, not
     the function being trained.
     """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with _exclusive(run_dir):
+        return _train(model, train_set, test_set, recipe, run_dir, seed, mean, std, metadata, progress, stop_after,
+                      channels_last)
+
+
+@contextlib.contextmanager
+def _exclusive(run_dir: Path):
+    """Refuse to train in a run directory that another process is training in (both would write its state)."""
+    import fcntl
+
+    with open(run_dir / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            message = f"{run_dir} is being trained by another process; wait for it or use another --out"
+            raise ReassemblyError(message) from None
+        yield
+
+
+def _train(model, train_set, test_set, recipe, run_dir, seed, mean, std, metadata, progress, stop_after,
+           channels_last) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     _check_recipe(run_dir, recipe, seed)
     accelerator = Accelerator()
     set_seed(seed)
