@@ -136,7 +136,7 @@ def zoo_train(names, out, epochs, ship, threads, data_root):
     import torch
 
     from .zoo.recipes import ZOO_RECIPES
-    from .zoo.training import command_line, ship_zoo_model, train_zoo_model
+    from .zoo.training import ship_zoo_model, train_zoo_model
 
     if threads:
         torch.set_num_threads(threads)
@@ -144,7 +144,7 @@ def zoo_train(names, out, epochs, ship, threads, data_root):
         click.echo(f"== {name}")
         run_dir = train_zoo_model(name, out, data_root=data_root, epochs=epochs, progress=sys.stderr.isatty())
         if ship:
-            entry = ship_zoo_model(name, run_dir, data_root=data_root, command=command_line())
+            entry = ship_zoo_model(name, run_dir, data_root=data_root)
             click.echo(f"shipped {name}: test top-1 {entry['test_accuracy']:.2f}% ({entry['file']})")
 
 
@@ -157,7 +157,7 @@ def zoo_ship(name, out, data_root):
     """Copy the finished run NAME into the package (fp16 safetensors, manifest entry, model card)."""
     from .zoo.training import ship_zoo_model
 
-    entry = ship_zoo_model(name, Path(out) / name, data_root=data_root, command=f"reassembly zoo train {name}")
+    entry = ship_zoo_model(name, Path(out) / name, data_root=data_root)
     click.echo(f"shipped {name}: test top-1 {entry['test_accuracy']:.2f}% ({entry['file']})")
 
 

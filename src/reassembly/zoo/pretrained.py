@@ -37,6 +37,7 @@ class ManifestEntry:
     subset_check: dict = field(default_factory=dict)
     model_kwargs: dict = field(default_factory=dict)
     command: str = ""
+    channels_last: bool = False  # trained in NHWC layout (a speed setting; it changes dropout's mask order only)
 
 
 def load_manifest() -> list[ManifestEntry]:

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import shlex
-import sys
 from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_into, save_checkpoint
+from ..checkpoint import load_into, read_state_dict, save_checkpoint
 from ..data import load_dataset
 from ..errors import ReassemblyError
 from ..evaluate import evaluate
@@ -54,7 +52,7 @@ def train_zoo_model(name: str, out: str | Path = "runs/zoo", data_root=None, epo
     return run_dir
 
 
-def ship_zoo_model(name: str, run_dir: str | Path, data_root=None, command: str | None = None) -> dict:
+def ship_zoo_model(name: str, run_dir: str | Path, data_root=None) -> dict:
     """Copy a finished run into the package as fp16 weights and record it in the manifest with a model card.
 
     Accuracies are measured on the shipped (fp16) weights, as users will load them.
@@ -70,9 +68,10 @@ def ship_zoo_model(name: str, run_dir: str | Path, data_root=None, command: str 
     model = create_model(zoo.architecture, num_classes=train_set.num_classes, **zoo.model_kwargs)
     load_into(model, final)
     weights = WEIGHTS_DIR / f"{name}.safetensors"
-    save_checkpoint(model, weights, dtype=torch.float16,
-                    metadata={"name": name, "architecture": zoo.architecture, "data": zoo.data,
-                              "classes": list(train_set.classes), "mean": list(info.mean), "std": list(info.std)})
+    metadata = {"name": name, "architecture": zoo.architecture, "data": zoo.data, "classes": list(train_set.classes),
+                "mean": list(info.mean), "std": list(info.std)}
+    if not _already_shipped(weights, model, metadata):  # safetensors orders metadata at random: rewrite only on change
+        save_checkpoint(model, weights, dtype=torch.float16, metadata=metadata)
     load_into(model, weights)  # evaluate exactly what ships
     full = evaluate(model, test_set, info.mean, info.std, progress=False)
     subset = check_subset(test_set, zoo.check_images)
@@ -85,7 +84,7 @@ def ship_zoo_model(name: str, run_dir: str | Path, data_root=None, command: str 
         "macs": count_macs(model, (zoo.channels, zoo.image_size, zoo.image_size)), "file": weights.name,
         "sha256": sha256_of(weights), "model_kwargs": zoo.model_kwargs,
         "subset_check": {"images": len(subset), "stride": len(test_set) // zoo.check_images, "top1": sub.top1},
-        "command": command or f"reassembly zoo train {name}",
+        "command": reproduce_command(name, summary["epochs"]), "channels_last": zoo.channels_last,
     }
     with locked(MANIFEST):  # several training processes may ship at once
         entries = [e.__dict__ for e in load_manifest() if e.name != name] + [entry]
@@ -93,6 +92,16 @@ def ship_zoo_model(name: str, run_dir: str | Path, data_root=None, command: str 
         write_text(MANIFEST, json.dumps({"models": entries}, indent=1) + "\n")
     write_text(WEIGHTS_DIR / "cards" / f"{name}.md", model_card(zoo, entry, run_dir))
     return entry
+
+
+def _already_shipped(path: Path, model: torch.nn.Module, metadata: dict) -> bool:
+    if not path.is_file():
+        return False
+    shipped, shipped_metadata = read_state_dict(path)
+    state = model.state_dict()
+    return shipped_metadata == metadata and shipped.keys() == state.keys() and all(
+        torch.equal(shipped[k], v.half() if v.is_floating_point() else v) for k, v in state.items()
+    )
 
 
 def model_card(zoo: ZooRecipe, entry: dict, run_dir: Path) -> str:
@@ -116,6 +125,7 @@ def model_card(zoo: ZooRecipe, entry: dict, run_dir: Path) -> str:
 | parameters | {entry['params']:,} |
 | MACs (one image) | {entry['macs']:,} |
 | epochs, seed | {entry['epochs']}, {entry['seed']} |
+| memory layout in training | {'channels_last (NHWC)' if entry['channels_last'] else 'default (NCHW)'} |
 | sha256 | `{entry['sha256']}` |
 
 Reproduce: `{entry['command']}` (trains, resumably, then ships the weights).
@@ -131,5 +141,7 @@ Input normalisation: ImageNet mean and std, applied to [0, 1] pixels.
 """
 
 
-def command_line() -> str:
-    return "reassembly " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+def reproduce_command(name: str, epochs: int) -> str:
+    """The command that trains this model again: the recipe is fixed by its name, and so is the seed."""
+    override = "" if epochs == recipe_for(name).recipe.epochs else f" --epochs {epochs}"
+    return f"reassembly zoo train {name}{override}"
