@@ -270,6 +270,8 @@ def eval_cmd(model_name, checkpoint, pretrained, data_spec, split, data_root, nu
     from .evaluate import evaluate, normalization_of
     from .zoo import create_model
 
+    if pretrained and checkpoint:
+        raise click.UsageError("give either --pretrained or --checkpoint, not both")
     if pretrained:  # read the images the way the shipped model was trained on them unless told otherwise
         from .zoo.pretrained import manifest_entry
 
