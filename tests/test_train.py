@@ -91,3 +91,11 @@ def test_a_run_directory_in_use_is_refused(tmp_path):
         fcntl.flock(handle, fcntl.LOCK_EX)
         with pytest.raises(ReassemblyError, match="being trained by another process"):
             train_classifier(tiny_model(), tiny_task(), None, RECIPE, tmp_path / "run", progress=False)
+
+
+def test_divergence_is_reported_before_a_step(tmp_path):
+    model = tiny_model()
+    with torch.no_grad():
+        model[-1].bias.fill_(float("nan"))
+    with pytest.raises(ReassemblyError, match="diverged at epoch 1"):
+        train_classifier(model, tiny_task(), None, RECIPE, tmp_path / "run", progress=False)

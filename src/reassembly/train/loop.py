@@ -137,15 +137,15 @@ def _train(model, train_set, test_set, recipe, run_dir, seed, mean, std, metadat
         for images, labels in bar:
             logits = model(augment(images).contiguous(memory_format=memory_format))
             loss = F.cross_entropy(logits, labels, label_smoothing=recipe.label_smoothing)
+            if not torch.isfinite(loss):
+                raise ReassemblyError(f"training {run_dir.name} diverged at epoch {epoch + 1} (loss {loss.item()}); "
+                                      "lower the learning rate or add warm-up")
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             if recipe.grad_clip is not None:
                 accelerator.clip_grad_norm_(model.parameters(), recipe.grad_clip)
             optimizer.step()
             schedule.step()
-            if not torch.isfinite(loss):
-                raise ReassemblyError(f"training {run_dir.name} diverged at epoch {epoch + 1} (loss {loss.item()}); "
-                                      "lower the learning rate or add warm-up")
             seen += len(labels)
             loss_sum += loss.item() * len(labels)
             correct += (logits.argmax(1) == labels).sum().item()
@@ -158,8 +158,7 @@ def _train(model, train_set, test_set, recipe, run_dir, seed, mean, std, metadat
         log.append(entry)
         if accelerator.is_main_process:
             _save_state(state_path, evaluate_model, optimizer, schedule, log)
-            with open(run_dir / "log.jsonl", "a") as handle:
-                handle.write(json.dumps(entry) + "\n")
+            write_text(run_dir / "log.jsonl", "".join(json.dumps(e) + "\n" for e in log))  # whole, as in the state
         accelerator.print(json.dumps(entry))
     summary = {"epochs": len(log), "seed": seed, "final": log[-1] if log else {}, "recipe": recipe.model_dump()}
     if accelerator.is_main_process and len(log) == recipe.epochs:
