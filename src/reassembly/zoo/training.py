@@ -25,9 +25,9 @@ def recipe_for(name: str) -> ZooRecipe:
     return ZOO_RECIPES[name]
 
 
-def datasets_for(zoo: ZooRecipe, data_root=None):
-    options = {"root": data_root, "image_size": zoo.image_size, "channels": zoo.channels}
-    return load_dataset(zoo.data, "train", **options), load_dataset(zoo.data, "test", **options)
+def zoo_split(zoo: ZooRecipe, split: str, data_root=None):
+    """One split of a zoo model's source data, read the way the model is trained on it."""
+    return load_dataset(zoo.data, split, root=data_root, image_size=zoo.image_size, channels=zoo.channels)
 
 
 def check_subset(test_set, size: int):
@@ -41,7 +41,7 @@ def train_zoo_model(name: str, out: str | Path = "runs/zoo", data_root=None, epo
     """Train (or resume) one zoo model; returns its run directory."""
     zoo = recipe_for(name)
     recipe: TrainRecipe = zoo.recipe if epochs is None else zoo.recipe.model_copy(update={"epochs": epochs})
-    train_set, test_set = datasets_for(zoo, data_root)
+    train_set, test_set = zoo_split(zoo, "train", data_root), zoo_split(zoo, "test", data_root)
     info = model_info(zoo.architecture)
     torch.manual_seed(zoo.seed)
     model = create_model(zoo.architecture, num_classes=train_set.num_classes, **zoo.model_kwargs)
@@ -63,12 +63,12 @@ def ship_zoo_model(name: str, run_dir: str | Path, data_root=None) -> dict:
     if not final.is_file():
         raise ReassemblyError(f"{run_dir} has no final.safetensors: finish training first (`reassembly zoo train {name}`)")
     summary = json.loads((run_dir / "summary.json").read_text())
-    train_set, test_set = datasets_for(zoo, data_root)
+    test_set = zoo_split(zoo, "test", data_root)  # shipping evaluates only; the train split is not needed
     info = model_info(zoo.architecture)
-    model = create_model(zoo.architecture, num_classes=train_set.num_classes, **zoo.model_kwargs)
+    model = create_model(zoo.architecture, num_classes=test_set.num_classes, **zoo.model_kwargs)
     load_into(model, final)
     weights = WEIGHTS_DIR / f"{name}.safetensors"
-    metadata = {"name": name, "architecture": zoo.architecture, "data": zoo.data, "classes": list(train_set.classes),
+    metadata = {"name": name, "architecture": zoo.architecture, "data": zoo.data, "classes": list(test_set.classes),
                 "mean": list(info.mean), "std": list(info.std)}
     if not _already_shipped(weights, model, metadata):  # safetensors orders metadata at random: rewrite only on change
         save_checkpoint(model, weights, dtype=torch.float16, metadata=metadata)
@@ -77,8 +77,8 @@ def ship_zoo_model(name: str, run_dir: str | Path, data_root=None) -> dict:
     subset = check_subset(test_set, zoo.check_images)
     sub = evaluate(model, subset, info.mean, info.std, progress=False)
     entry = {
-        "name": name, "architecture": zoo.architecture, "num_classes": train_set.num_classes,
-        "source_data": zoo.data, "classes": list(train_set.classes), "image_size": zoo.image_size,
+        "name": name, "architecture": zoo.architecture, "num_classes": test_set.num_classes,
+        "source_data": zoo.data, "classes": list(test_set.classes), "image_size": zoo.image_size,
         "channels": zoo.channels, "recipe": summary["recipe"], "epochs": summary["epochs"], "seed": summary["seed"],
         "test_accuracy": round(full.top1, 2), "params": count_params(model),
         "macs": count_macs(model, (zoo.channels, zoo.image_size, zoo.image_size)), "file": weights.name,
