@@ -99,3 +99,28 @@ def test_divergence_is_reported_before_a_step(tmp_path):
         model[-1].bias.fill_(float("nan"))
     with pytest.raises(ReassemblyError, match="diverged at epoch 1"):
         train_classifier(model, tiny_task(), None, RECIPE, tmp_path / "run", progress=False)
+
+
+def test_bf16_mixed_precision_learns_and_keeps_float32_weights(tmp_path):
+    data = tiny_task()
+    recipe = RECIPE.model_copy(update={"mixed_precision": "bf16"})
+    summary = train_classifier(tiny_model(), data, data, recipe, tmp_path / "bf16", seed=1, progress=False)
+    assert summary["final"]["test_top1"] > 60  # chance is 33%
+    weights, meta = read_state_dict(tmp_path / "bf16" / "final.safetensors")
+    assert all(w.dtype == torch.float32 for w in weights.values() if w.is_floating_point())
+    assert meta["recipe"]["mixed_precision"] == "bf16"
+    fp32 = train_classifier(tiny_model(), data, None, RECIPE, tmp_path / "fp32", seed=1, progress=False)
+    reference, _ = read_state_dict(tmp_path / "fp32" / "final.safetensors")
+    assert not all(torch.equal(weights[k], reference[k]) for k in reference)  # autocast really ran in bfloat16
+    assert fp32["recipe"]["mixed_precision"] == "no"
+
+
+def test_a_run_started_before_a_recipe_field_existed_still_resumes(tmp_path):
+    data = tiny_task()
+    run = tmp_path / "run"
+    train_classifier(tiny_model(), data, None, RECIPE, run, seed=0, progress=False, stop_after=1)
+    saved = json.loads((run / "recipe.json").read_text())
+    del saved["recipe"]["mixed_precision"]  # as written by a version without that field
+    (run / "recipe.json").write_text(json.dumps(saved))
+    summary = train_classifier(tiny_model(), data, None, RECIPE, run, seed=0, progress=False)
+    assert summary["epochs"] == RECIPE.epochs

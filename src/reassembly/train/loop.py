@@ -124,6 +124,7 @@ def _train(model, train_set, test_set, recipe, run_dir, seed, mean, std, metadat
     loader = torch.utils.data.DataLoader(train_set, batch_size=recipe.batch_size, shuffle=True, drop_last=False)
     model, optimizer, loader, schedule = accelerator.prepare(model, optimizer, loader, schedule)
     evaluate_model = accelerator.unwrap_model(model)
+    mixed = recipe.mixed_precision == "bf16"
     last_epoch = recipe.epochs if stop_after is None else min(recipe.epochs, len(log) + stop_after)
     for epoch in range(len(log), last_epoch):
         epoch_seed = seed * 100_003 + epoch
@@ -135,8 +136,9 @@ def _train(model, train_set, test_set, recipe, run_dir, seed, mean, std, metadat
         bar = tqdm(loader, desc=f"{run_dir.name} epoch {epoch + 1}/{recipe.epochs}", unit="batch",
                    disable=not progress or not accelerator.is_local_main_process, leave=False)
         for images, labels in bar:
-            logits = model(augment(images).contiguous(memory_format=memory_format))
-            loss = F.cross_entropy(logits, labels, label_smoothing=recipe.label_smoothing)
+            with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=mixed):
+                logits = model(augment(images).contiguous(memory_format=memory_format))
+                loss = F.cross_entropy(logits, labels, label_smoothing=recipe.label_smoothing)
             if not torch.isfinite(loss):
                 raise ReassemblyError(f"training {run_dir.name} diverged at epoch {epoch + 1} (loss {loss.item()}); "
                                       "lower the learning rate or add warm-up")
@@ -173,6 +175,10 @@ def _check_recipe(run_dir: Path, recipe: TrainRecipe, seed: int) -> None:
     path = run_dir / "recipe.json"
     if path.is_file():
         found = json.loads(path.read_text())
+        try:  # fill in fields added to TrainRecipe since the run began, at their defaults
+            found["recipe"] = TrainRecipe(**found["recipe"]).model_dump()
+        except (KeyError, TypeError, ValueError):
+            pass  # unreadable: it cannot match, and the error below says what to do
         if found != wanted:
             raise ReassemblyError(
                 f"{run_dir} holds a run with another recipe or seed ({path}); resume it with the same settings, "

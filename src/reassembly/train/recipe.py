@@ -27,3 +27,8 @@ class TrainRecipe(BaseModel):
     flip: bool = True
     grad_clip: float | None = Field(None, gt=0)
     eval_every: int = Field(1, ge=1)
+    # "bf16" runs forward and loss under torch.autocast (convolutions and matmuls in bfloat16, the weights and the
+    # optimiser in float32). On a CPU with AVX-512 BF16 it trains ResNets and VGGs about 1.4x faster but depthwise
+    # MobileNets slower (benchmarks/bench_train_step.py); results then depend a little more on the machine.
+    # Evaluation always runs in float32.
+    mixed_precision: Literal["no", "bf16"] = "no"

@@ -54,9 +54,10 @@ ZOO_RECIPES = {r.name: r for r in [
     ZooRecipe("vgg11_fashion", "cifar_vgg11_bn", "fashion_mnist", SGD_FASHION,
               "VGG-11-BN at half width trained on Fashion-MNIST at 32x32, 3 channels (different-source model).",
               model_kwargs={"width": 0.5, "hidden": [256]}),
-    ZooRecipe("vgg16_cifar10", "cifar_vgg16_bn", "cifar10", SGD_CIFAR.model_copy(update={"epochs": 25}),
+    ZooRecipe("vgg16_cifar10", "cifar_vgg16_bn", "cifar10",
+              SGD_CIFAR.model_copy(update={"epochs": 70, "mixed_precision": "bf16"}),
               "VGG-16-BN at half width with a 256-wide hidden layer, trained on all of CIFAR-10 (for disassembly).",
-              model_kwargs={"width": 0.5, "hidden": [256]}),
+              model_kwargs={"width": 0.5, "hidden": [256]}, channels_last=True),
     ZooRecipe("mobilenetv2_cifar10", "cifar_mobilenetv2_050", "cifar10", SGD_CIFAR,
               "MobileNetV2 x0.5, 32x32 layout, trained on all of CIFAR-10 (for disassembly).", channels_last=True),
 ]}
