@@ -70,3 +70,25 @@ def test_sandglass_pair_is_matched_in_cost_and_recipe():
     params = [count_params(m) for m in models]
     macs = [count_macs(m, (3, 32, 32)) for m in models]
     assert abs(params[0] / params[1] - 1) < 0.05 and abs(macs[0] / macs[1] - 1) < 0.05
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shipped_model_meets_its_target(name):
+    target = ZOO_RECIPES[name].target_top1
+    if target is None:
+        pytest.skip(f"{name} has no accuracy target")
+    assert pretrained.manifest_entry(name).test_accuracy >= target
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_shipped_model_reproduces_its_full_test_accuracy(name):
+    zoo = ZOO_RECIPES[name]
+    try:
+        test_set = zoo_split(zoo, "test")
+    except Exception as exc:  # the dataset is not on this machine
+        pytest.skip(f"{zoo.data} not available ({exc}; looked in {data_roots()})")
+    model = create_model(name, pretrained=True)
+    mean, std = normalization_of(model, model.reassembly_metadata)
+    result = evaluate(model, test_set, mean, std, progress=False)
+    assert result.top1 == pytest.approx(pretrained.manifest_entry(name).test_accuracy, abs=0.01)

@@ -163,12 +163,13 @@ def zoo_ship(name, out, data_root):
 
 @zoo.command("recipes")
 def zoo_recipes():
-    """The training recipes of the zoo: architecture, data, optimiser, epochs, seed."""
+    """The training recipes of the zoo: architecture, data, optimiser, epochs, seed, target test top-1."""
     from .zoo.recipes import ZOO_RECIPES
 
-    rows = [[r.name, r.architecture, r.data, r.recipe.optimizer, r.recipe.lr, r.recipe.epochs, r.seed]
-            for r in ZOO_RECIPES.values()]
-    click.echo(format_table(["name", "architecture", "data", "optimizer", "lr", "epochs", "seed"], rows, "lllrrrr"))
+    rows = [[r.name, r.architecture, r.data, r.recipe.optimizer, r.recipe.lr, r.recipe.epochs, r.seed,
+             "-" if r.target_top1 is None else f"{r.target_top1:g}"] for r in ZOO_RECIPES.values()]
+    click.echo(format_table(["name", "architecture", "data", "optimizer", "lr", "epochs", "seed", "target %"], rows,
+                            "lllrrrrr"))
 
 
 @cli.command()
