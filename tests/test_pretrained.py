@@ -16,6 +16,19 @@ ENTRIES = pretrained.load_manifest()
 NAMES = [e.name for e in ENTRIES] or [pytest.param("none", marks=pytest.mark.skip(reason="no weights shipped yet"))]
 
 
+def shipped_model_and_test_split(name):
+    """The test split of a shipped model's source task and a function evaluating the shipped model on a part of it;
+    skips the test when the dataset is not on this machine."""
+    zoo = ZOO_RECIPES[name]
+    try:
+        test_set = zoo_split(zoo, "test")
+    except Exception as exc:  # the dataset is not on this machine
+        pytest.skip(f"{zoo.data} not available ({exc}; looked in {data_roots()})")
+    model = create_model(name, pretrained=True)
+    mean, std = normalization_of(model, model.reassembly_metadata)
+    return test_set, lambda images: evaluate(model, images, mean, std, progress=False)
+
+
 def test_shipped_weights_stay_small_and_match_their_hashes():
     total = 0
     for entry in ENTRIES:
@@ -30,16 +43,10 @@ def test_shipped_weights_stay_small_and_match_their_hashes():
 @pytest.mark.parametrize("name", NAMES)
 def test_shipped_model_reproduces_its_recorded_subset_accuracy(name):
     entry = pretrained.manifest_entry(name)
-    zoo = ZOO_RECIPES[name]
-    try:
-        test_set = zoo_split(zoo, "test")
-    except Exception as exc:  # the dataset is not on this machine
-        pytest.skip(f"{zoo.data} not available ({exc}; looked in {data_roots()})")
-    model = create_model(name, pretrained=True)
-    subset = check_subset(test_set, zoo.check_images)
+    test_set, accuracy_of = shipped_model_and_test_split(name)
+    subset = check_subset(test_set, ZOO_RECIPES[name].check_images)
     assert len(subset) == entry.subset_check["images"]
-    mean, std = normalization_of(model, model.reassembly_metadata)
-    result = evaluate(model, subset, mean, std, progress=False)
+    result = accuracy_of(subset)
     assert abs(result.top1 - entry.subset_check["top1"]) <= 100 / len(subset) + 1e-9  # at most one image differs
 
 
@@ -83,12 +90,6 @@ def test_shipped_model_meets_its_target(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_shipped_model_reproduces_its_full_test_accuracy(name):
-    zoo = ZOO_RECIPES[name]
-    try:
-        test_set = zoo_split(zoo, "test")
-    except Exception as exc:  # the dataset is not on this machine
-        pytest.skip(f"{zoo.data} not available ({exc}; looked in {data_roots()})")
-    model = create_model(name, pretrained=True)
-    mean, std = normalization_of(model, model.reassembly_metadata)
-    result = evaluate(model, test_set, mean, std, progress=False)
+    test_set, accuracy_of = shipped_model_and_test_split(name)
+    result = accuracy_of(test_set)
     assert result.top1 == pytest.approx(pretrained.manifest_entry(name).test_accuracy, abs=0.01)
