@@ -312,6 +312,103 @@ def convert(src, dst, trust_pickle):
     click.echo(f"wrote {convert_trusted_pickle(src, dst)}")
 
 
+def _zoo_members(spec: str, image_size: int | None):
+    """Zoo names (shipped pretrained models, or a named group such as split-cifar) -> similarity zoo members."""
+    from .errors import UnknownModelError
+    from .evaluate import normalization_of
+    from .similarity import ZooMember
+    from .zoo import create_model
+    from .zoo.pretrained import load_manifest, manifest_entry
+    from .zoo.recipes import ZOO_SETS
+
+    names: list[str] = []
+    for item in (part.strip() for part in spec.split(",")):
+        if item:
+            names.extend(ZOO_SETS.get(item, (item,)))
+    shipped = {entry.name for entry in load_manifest()}
+    unknown = [name for name in names if name not in shipped]
+    if unknown:
+        raise UnknownModelError(
+            f"no shipped model named {', '.join(unknown)}; use names from `reassembly zoo list` "
+            f"({', '.join(sorted(shipped))}) or a group ({', '.join(ZOO_SETS)})"
+        )
+    members = []
+    for name in dict.fromkeys(names):
+        entry = manifest_entry(name)
+        model = create_model(name, pretrained=True)
+        mean, std = normalization_of(model, model.reassembly_metadata)
+        size = image_size or entry.image_size
+        members.append(ZooMember(name, model, mean, std, (3, size, size),
+                                 {"pretrained": name, "architecture": entry.architecture}))
+    return members
+
+
+@cli.command()
+@click.option("--zoo", "zoo_spec", required=True,
+              help="Comma-separated shipped model names, or a group: split-cifar (the Split-CIFAR zoo).")
+@click.option("--data", "data_spec", required=True, help="Probe images, e.g. 'cifar10[0:5]' (labels are not used).")
+@click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True)
+@click.option("--probe-size", type=int, default=2000, show_default=True,
+              help="Images drawn at random (seeded) from the split; the whole split if it has fewer.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Output directory (similarity.json, cka/*.npz, heatmaps/*.png); an unfinished run there resumes.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the probe-image draw.")
+@click.option("--batch-size", type=int, default=250, show_default=True)
+@click.option("--estimator", type=click.Choice(["exact", "minibatch"]), default="exact", show_default=True,
+              help="exact: full-batch CKA from streamed sufficient statistics; minibatch: mean unbiased HSIC over "
+                   "batches (Nguyen et al. 2021; memory independent of feature width).")
+@click.option("--debiased", is_flag=True,
+              help="Write debiased CKA as the input/output matrices (both kinds are always stored).")
+@click.option("--token-pool", type=click.Choice(["mean", "cls"]), default="mean", show_default=True,
+              help="How token features become one vector: mean over all tokens (as DeRy), or the class token.")
+@click.option("--image-size", type=int, default=None, help="Resize probe images to this square size.")
+@click.option("--heatmaps/--no-heatmaps", default=True, show_default=True, help="Write a PNG per model pair.")
+@click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Folder holding the datasets.")
+def similarity(zoo_spec, data_spec, split, probe_size, out_dir, seed, batch_size, estimator, debiased, token_pool,
+               image_size, heatmaps, data_root):
+    """DeRy stage 1: CKA between the node inputs and outputs of every pair of zoo models, on probe images.
+
+    Each model is dissected into its node chain; the probe images go through every model once, and the pooled
+    features at every node boundary are streamed into CKA accumulators (memory does not grow with the probe set).
+    Launch with `accelerate launch` or `torchrun` to split the probe set over processes.
+
+    \b
+    reassembly similarity --zoo split-cifar --data 'cifar10[0:5]' --probe-size 2000 --out runs/sim
+    reassembly partition runs/sim --k 4
+    """
+    import torch
+
+    from .data import load_dataset
+    from .errors import ReassemblyError
+    from .similarity import compute_similarity
+
+    if probe_size < 1:
+        raise click.BadParameter(f"must be at least 1, got {probe_size}", param_hint="--probe-size")
+    if batch_size < 4:
+        raise click.BadParameter(f"must be at least 4, got {batch_size}", param_hint="--batch-size")
+    members = _zoo_members(zoo_spec, image_size)
+    size = members[0].input_size[1]
+    data = load_dataset(data_spec, split, root=data_root, image_size=size, channels=3)
+    if len(data) == 0:
+        raise ReassemblyError(f"{data.name} {split} holds no images: the probe set would be empty")
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:probe_size]
+    probe = data.subset(order)
+    settings = {"zoo": zoo_spec, "data": data.name, "split": split, "probe_size": len(probe), "seed": seed,
+                "image_size": size}
+    run = compute_similarity(members, probe, out_dir, settings=settings, batch_size=batch_size, estimator=estimator,
+                             token_pool=token_pool, debiased=debiased, heatmaps=heatmaps,
+                             progress=sys.stderr.isatty())
+    if run is None:  # a non-zero rank of a sharded run
+        return
+    chains = ", ".join(f"{m['name']} ({len(m['chain']['nodes'])} nodes)" for m in run.index["models"])
+    click.echo(f"CKA over {run.index['samples']} probe images of {data.name} {split} for {chains}")
+    degenerate = {m["name"]: m["degenerate_points"] for m in run.index["models"] if m["degenerate_points"]}
+    if degenerate:
+        click.echo(f"constant features (CKA reported as 0) at points: {degenerate}")
+    click.echo(f"wrote {Path(out_dir) / 'similarity.json'} and {len(run.index['pairs'])} pair files "
+               f"in {run.index['seconds']:.1f} s")
+
+
 def main() -> None:
     cli(prog_name="reassembly")
 

@@ -63,3 +63,12 @@ ZOO_RECIPES = {r.name: r for r in [
     ZooRecipe("mobilenetv2_cifar10", "cifar_mobilenetv2_050", "cifar10", SGD_CIFAR,
               "MobileNetV2 x0.5, 32x32 layout, trained on all of CIFAR-10 (for disassembly).", channels_last=True),
 ]}
+
+
+ZOO_SETS = {
+    "split-cifar": tuple(name for name, r in ZOO_RECIPES.items() if r.data in (SPLIT_CIFAR, "fashion_mnist")),
+}
+"""Named groups of shipped models. ``split-cifar`` is the zoo of DESIGN.md's Split-CIFAR protocol: every model
+trained on the source task (CIFAR-10 classes 0-4) or on a different source (Fashion-MNIST); the models trained on
+all of CIFAR-10 have seen the target classes and are left out."""
+
