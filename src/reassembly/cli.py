@@ -409,6 +409,47 @@ def similarity(zoo_spec, data_spec, split, probe_size, out_dir, seed, batch_size
                f"in {run.index['seconds']:.1f} s")
 
 
+@cli.command("partition")
+@click.argument("similarity_dir", metavar="DIR", type=click.Path(file_okay=False))
+@click.option("--k", type=int, default=4, show_default=True, help="Blocks per model = number of equivalence sets.")
+@click.option("--eps", type=float, default=0.2, show_default=True,
+              help="Size slack: a block holds at most (1 + eps) / K of its model (see --size).")
+@click.option("--size", type=click.Choice(["nodes", "params"]), default="nodes", show_default=True,
+              help="Measure the size cap in nodes (official code) or parameters (paper).")
+@click.option("--general", is_flag=True,
+              help="General clustering: sets are found by similarity, not fixed to the k-th block of each model.")
+@click.option("--similarity", "block_similarity", type=click.Choice(["io", "first_last"]), default="io",
+              show_default=True, help="io: CKA at block input + output (paper); first_last: the official code's "
+                                      "first-node-output stand-in for the input.")
+@click.option("--debiased", is_flag=True, help="Use debiased CKA (the similarity run stores both kinds).")
+@click.option("--restarts", type=int, default=50, show_default=True, help="Random restarts.")
+@click.option("--iterations", type=int, default=50, show_default=True, help="Iterations per restart at most.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", default=None, type=click.Path(dir_okay=False),
+              help="Where to write the partition (default DIR/partition.json; the diagram goes beside it as .png).")
+def partition_cmd(similarity_dir, k, eps, size, general, block_similarity, debiased, restarts, iterations, seed, out):
+    """DeRy stage 2: cut every model of a similarity run into K blocks forming K equivalence sets.
+
+    Reads DIR/similarity.json (from `reassembly similarity`) and writes partition.json and partition.png:
+    every model's blocks (node range, parameters, MACs, shapes) and the sets of interchangeable blocks.
+
+    \b
+    reassembly partition runs/sim --k 4 --eps 0.2
+    reassembly partition runs/sim --k 3 --size params --out runs/sim/partition-k3.json
+    """
+    from .partition.stage import partition_zoo
+
+    record = partition_zoo(similarity_dir, k, eps, out=out, debiased=debiased, size=size, stage_aligned=not general,
+                           similarity=block_similarity, restarts=restarts, iterations=iterations, seed=seed,
+                           progress=sys.stderr.isatty())
+    rows = [[model["name"]] + [f"{b['start']}-{b['stop']} ({human(b['params'])})" for b in model["blocks"]]
+            for model in record["models"]]
+    click.echo(format_table(["model"] + [f"block {i}" for i in range(k)], rows, "l" * (k + 1)))
+    click.echo(f"score {record['score']:.3f}; best of {restarts} restarts (restart {record['restarts']['best']})")
+    path = Path(out) if out else Path(similarity_dir) / "partition.json"
+    click.echo(f"wrote {path} and {path.with_suffix('.png')}")
+
+
 def main() -> None:
     cli(prog_name="reassembly")
 

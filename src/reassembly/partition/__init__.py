@@ -4,7 +4,8 @@ The stage reads the point-CKA matrices of the similarity stage (``points[(a, b)]
 models ``a`` and ``b`` at every "point", the tensor entering each chain node plus the model output, on the same probe
 images) and the chains' node metadata (:class:`ModelNodes`: body range and per-node parameters). It writes a
 :class:`Partition`, which the caller saves as ``partition.json`` through ``Partition.to_dict()`` and reads back with
-``Partition.from_dict()``. It reads and writes no files itself.
+``Partition.from_dict()``. The algorithm reads and writes no files itself; :func:`partition_zoo` (``stage.py``) is the stage around it, from a
+similarity run's directory to ``partition.json`` and its diagram.
 
 >>> result = partition(models, points, k=4, eps=0.2)      # stage_aligned=True, similarity="io", size="nodes"
 >>> result.blocks["resnet20"], result.sets[0].members, result.score
@@ -26,8 +27,9 @@ stops when it stops improving on its *own* best (the code compared with the glob
 
 from .cover import SIMILARITIES, SIZES, block_similarity, partition
 from .result import EquivalenceSet, ModelNodes, Partition, PartitionError
+from .stage import model_nodes, partition_zoo
 
 __all__ = [
     "SIMILARITIES", "SIZES", "EquivalenceSet", "ModelNodes", "Partition", "PartitionError", "block_similarity",
-    "partition",
+    "model_nodes", "partition", "partition_zoo",
 ]
