@@ -80,7 +80,7 @@ def test_taps_pool_tokens_by_mean_or_class_token():
 
 def test_stage_matrices_equal_full_batch_cka_of_the_tapped_features(tmp_path):
     members, probe = zoo(0, 1, 2), probe_images()
-    result = run(members, probe, tmp_path / "sim")
+    result = run(members, probe, tmp_path / "sim", estimator="exact")
     assert (tmp_path / "sim" / "similarity.json").is_file()
     loaded = load_similarity(tmp_path / "sim")
     assert loaded.models == ["cnn0", "cnn1", "cnn2"] and len(loaded.index["pairs"]) == 3
@@ -97,8 +97,8 @@ def test_stage_matrices_equal_full_batch_cka_of_the_tapped_features(tmp_path):
         np.testing.assert_allclose(points, expected, atol=1e-9)
     path, _ = result.pair_file("cnn0", "cnn1")
     with np.load(path) as arrays:
-        np.testing.assert_array_equal(arrays["input"], arrays["points_biased"][:-1, :-1])
-        np.testing.assert_array_equal(arrays["output"], arrays["points_biased"][1:, 1:])
+        np.testing.assert_array_equal(arrays["input"], arrays["points_debiased"][:-1, :-1])
+        np.testing.assert_array_equal(arrays["output"], arrays["points_debiased"][1:, 1:])
         assert arrays["input"].shape == (len(loaded.chain("cnn0")["nodes"]), len(loaded.chain("cnn1")["nodes"]))
 
 
@@ -130,7 +130,7 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
         run(members, probe, tmp_path / "sim", token_pool="cls")
     run(members, probe, tmp_path / "sim")
     with pytest.raises(ReassemblyError, match="finished similarity run with other settings"):
-        run(members, probe, tmp_path / "sim", estimator="minibatch")
+        run(members, probe, tmp_path / "sim", estimator="exact")
 
 
 def test_bad_zoos_and_probe_sets_are_refused_before_anything_is_written(tmp_path):
@@ -174,9 +174,10 @@ def test_cli_errors_are_one_line_and_write_nothing(tmp_path):
 
 
 @needs_cifar
-def test_two_processes_give_the_same_matrices_as_one(tmp_path):
+@pytest.mark.parametrize("estimator", ["minibatch", "exact"])
+def test_two_processes_give_the_same_matrices_as_one(tmp_path, estimator):
     args = ["similarity", "--zoo", "resnet20_cifar5,vit_cifar5", "--data", "cifar10[0:5]", "--probe-size", "200",
-            "--batch-size", "50", "--no-heatmaps"]
+            "--batch-size", "50", "--no-heatmaps", "--estimator", estimator]
     single = cli(*args, "--out", str(tmp_path / "one"))
     assert single.returncode == 0, single.stderr
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517")

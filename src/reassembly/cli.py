@@ -312,37 +312,6 @@ def convert(src, dst, trust_pickle):
     click.echo(f"wrote {convert_trusted_pickle(src, dst)}")
 
 
-def _zoo_members(spec: str, image_size: int | None):
-    """Zoo names (shipped pretrained models, or a named group such as split-cifar) -> similarity zoo members."""
-    from .errors import UnknownModelError
-    from .evaluate import normalization_of
-    from .similarity import ZooMember
-    from .zoo import create_model
-    from .zoo.pretrained import load_manifest, manifest_entry
-    from .zoo.recipes import ZOO_SETS
-
-    names: list[str] = []
-    for item in (part.strip() for part in spec.split(",")):
-        if item:
-            names.extend(ZOO_SETS.get(item, (item,)))
-    shipped = {entry.name for entry in load_manifest()}
-    unknown = [name for name in names if name not in shipped]
-    if unknown:
-        raise UnknownModelError(
-            f"no shipped model named {', '.join(unknown)}; use names from `reassembly zoo list` "
-            f"({', '.join(sorted(shipped))}) or a group ({', '.join(ZOO_SETS)})"
-        )
-    members = []
-    for name in dict.fromkeys(names):
-        entry = manifest_entry(name)
-        model = create_model(name, pretrained=True)
-        mean, std = normalization_of(model, model.reassembly_metadata)
-        size = image_size or entry.image_size
-        members.append(ZooMember(name, model, mean, std, (3, size, size),
-                                 {"pretrained": name, "architecture": entry.architecture}))
-    return members
-
-
 @cli.command()
 @click.option("--zoo", "zoo_spec", required=True,
               help="Comma-separated shipped model names, or a group: split-cifar (the Split-CIFAR zoo).")
@@ -354,11 +323,12 @@ def _zoo_members(spec: str, image_size: int | None):
               help="Output directory (similarity.json, cka/*.npz, heatmaps/*.png); an unfinished run there resumes.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the probe-image draw.")
 @click.option("--batch-size", type=int, default=250, show_default=True)
-@click.option("--estimator", type=click.Choice(["exact", "minibatch"]), default="exact", show_default=True,
-              help="exact: full-batch CKA from streamed sufficient statistics; minibatch: mean unbiased HSIC over "
-                   "batches (Nguyen et al. 2021; memory independent of feature width).")
-@click.option("--debiased", is_flag=True,
-              help="Write debiased CKA as the input/output matrices (both kinds are always stored).")
+@click.option("--estimator", type=click.Choice(["minibatch", "exact"]), default="minibatch", show_default=True,
+              help="minibatch: unbiased HSIC averaged over batches (Nguyen et al. 2021), cheap whatever the feature "
+                   "widths; exact: the full-batch CKA from streamed sufficient statistics (costs D_a x D_b per image "
+                   "and model pair).")
+@click.option("--debiased/--biased", default=True, show_default=True,
+              help="Which CKA the input/output matrices hold (both kinds are always stored in the pair files).")
 @click.option("--token-pool", type=click.Choice(["mean", "cls"]), default="mean", show_default=True,
               help="How token features become one vector: mean over all tokens (as DeRy), or the class token.")
 @click.option("--image-size", type=int, default=None, help="Resize probe images to this square size.")
@@ -380,13 +350,13 @@ def similarity(zoo_spec, data_spec, split, probe_size, out_dir, seed, batch_size
 
     from .data import load_dataset
     from .errors import ReassemblyError
-    from .similarity import compute_similarity
+    from .similarity import compute_similarity, load_zoo
 
     if probe_size < 1:
         raise click.BadParameter(f"must be at least 1, got {probe_size}", param_hint="--probe-size")
     if batch_size < 4:
         raise click.BadParameter(f"must be at least 4, got {batch_size}", param_hint="--batch-size")
-    members = _zoo_members(zoo_spec, image_size)
+    members = load_zoo(zoo_spec, image_size)
     size = members[0].input_size[1]
     data = load_dataset(data_spec, split, root=data_root, image_size=size, channels=3)
     if len(data) == 0:
@@ -421,7 +391,8 @@ def similarity(zoo_spec, data_spec, split, probe_size, out_dir, seed, batch_size
 @click.option("--similarity", "block_similarity", type=click.Choice(["io", "first_last"]), default="io",
               show_default=True, help="io: CKA at block input + output (paper); first_last: the official code's "
                                       "first-node-output stand-in for the input.")
-@click.option("--debiased", is_flag=True, help="Use debiased CKA (the similarity run stores both kinds).")
+@click.option("--debiased/--biased", default=True, show_default=True,
+              help="Which CKA to read (the similarity run stores both kinds).")
 @click.option("--restarts", type=int, default=50, show_default=True, help="Random restarts.")
 @click.option("--iterations", type=int, default=50, show_default=True, help="Iterations per restart at most.")
 @click.option("--seed", type=int, default=0, show_default=True)

@@ -55,14 +55,14 @@ def partition_zoo(
     eps: float = 0.2,
     *,
     out: str | Path | None = None,
-    debiased: bool = False,
+    debiased: bool = True,
     plot: bool = True,
     **options,
 ) -> dict:
     """Partition the zoo of a similarity run into ``k`` equivalence sets; write and return the partition record.
 
     ``options`` go to :func:`reassembly.partition.partition` (``size``, ``stage_aligned``, ``similarity``,
-    ``restarts``, ``iterations``, ``patience``, ``seed``, ``progress``). ``debiased`` reads debiased CKA."""
+    ``restarts``, ``iterations``, ``patience``, ``seed``, ``progress``). ``debiased`` (default) reads debiased CKA, else the biased one."""
     run = load_similarity(similarity_dir)
     chains = {name: run.chain(name) for name in run.models}
     models = [model_nodes(chain) for chain in chains.values()]

@@ -101,19 +101,13 @@ def _indicator(widths: Sequence[int]) -> torch.Tensor:
 def _u_centre(gram: torch.Tensor) -> torch.Tensor:
     """Centre a batch of Gram matrices (P, n, n) so that their inner product is n(n-3) x unbiased HSIC."""
     n = gram.shape[-1]
-    gram = gram.clone()
+    gram = gram.clone()  # the caller's Gram matrices are kept for the biased estimate
     gram.diagonal(dim1=-2, dim2=-1).zero_()
     means = gram.sum(-1) / (n - 2)
     means = means - means.sum(-1, keepdim=True) / (2 * (n - 1))
     gram = gram - means[..., :, None] - means[..., None, :]
     gram.diagonal(dim1=-2, dim2=-1).zero_()
     return gram
-
-
-def _double_centre(gram: torch.Tensor) -> torch.Tensor:
-    """H K H for a batch of Gram matrices (P, n, n): its inner product is (n-1)^2 x biased HSIC."""
-    gram = gram - gram.mean(-1, keepdim=True)
-    return gram - gram.mean(-2, keepdim=True)
 
 
 class StreamingCKA:
@@ -212,19 +206,16 @@ class StreamingCKA:
     def _update_minibatch(self, stacked: dict[str, torch.Tensor]) -> None:
         centred = {}
         for view, z in stacked.items():
-            offsets = self._offsets[view]
+            offsets, n = self._offsets[view], z.shape[0]
+            z = z - z.mean(0)  # the Gram of centred features is H K H; U-centring gives the same for K and H K H
             grams = torch.stack([z[:, s:e] @ z[:, s:e].T for s, e in zip(offsets[:-1], offsets[1:])])
-            n = grams.shape[-1]
-            centred[view] = (
-                _u_centre(grams).reshape(len(grams), -1) / np.sqrt(n * (n - 3)),
-                _double_centre(grams).reshape(len(grams), -1) / (n - 1),
-            )
-        for view, (unbiased, biased) in centred.items():
+            biased = grams.reshape(len(grams), -1) / (n - 1)
+            unbiased = _u_centre(grams).reshape(len(grams), -1) / np.sqrt(n * (n - 3))
+            centred[view] = (unbiased, biased)
             self._add(f"{view}/self_debiased", (unbiased * unbiased).sum(1))
             self._add(f"{view}/self_biased", (biased * biased).sum(1))
-            self._add(f"{view}/sqnorm", stacked[view].square().sum(0) @ self._indicators[view])
-            centred_z = stacked[view] - stacked[view].mean(0)
-            self._add(f"{view}/centred", centred_z.square().sum(0) @ self._indicators[view])
+            self._add(f"{view}/sqnorm", (stacked[view] * stacked[view]).sum(0) @ self._indicators[view])
+            self._add(f"{view}/centred", (z * z).sum(0) @ self._indicators[view])
         for a, b in self.pairs:
             self._add(f"{a}|{b}/debiased", centred[a][0] @ centred[b][0].T)
             self._add(f"{a}|{b}/biased", centred[a][1] @ centred[b][1].T)
@@ -284,26 +275,31 @@ class StreamingCKA:
         constant = self._centred_sqnorm(view) <= CONSTANT * self._state[f"{view}/sqnorm"]
         return [int(p) for p in np.flatnonzero(constant)]
 
+    def _blocks(self, matrix: np.ndarray, a: str, b: str) -> np.ndarray:
+        """Sum a (D_a, D_b) matrix over each (point of a, point of b) block."""
+        rows = np.add.reduceat(matrix, self._offsets[a][:-1], axis=0)
+        return np.add.reduceat(rows, self._offsets[b][:-1], axis=1)
+
     def _cross_hsic(self, a: str, b: str, debiased: bool) -> np.ndarray:
         if self.estimator == "minibatch":
             return self._state[f"{a}|{b}/{'debiased' if debiased else 'biased'}"]
         n = self._require(debiased)
         cross = self._state[f"{a}|{b}/cross"]
         sa, sb = self._state[f"{a}/sum"], self._state[f"{b}/sum"]
-        ia, ib = self._indicators[a].numpy(), self._indicators[b].numpy()
         if not debiased:
-            centred = cross - np.outer(sa, sb) / n
-            return ia.T @ (centred**2) @ ib
+            centred = cross - np.outer(sa / n, sb)
+            return self._blocks(centred * centred, a, b)
         norms = self._state[f"{a}|{b}/norms"]
-        trace = ia.T @ (cross**2) @ ib - norms
-        totals = np.outer(ia.T @ (sa * sa) - self._state[f"{a}/sqnorm"], ib.T @ (sb * sb) - self._state[f"{b}/sqnorm"])
+        trace = self._blocks(cross * cross, a, b) - norms
+        squares_a = np.add.reduceat(sa * sa, self._offsets[a][:-1]) - self._state[f"{a}/sqnorm"]
+        squares_b = np.add.reduceat(sb * sb, self._offsets[b][:-1]) - self._state[f"{b}/sqnorm"]
         rows = (
-            ia.T @ (sa[:, None] * cross * sb[None, :]) @ ib
-            - ia.T @ (sa[:, None] * self._state[f"{a}|{b}/a_by_normb"])
-            - (ib.T @ (sb[:, None] * self._state[f"{a}|{b}/b_by_norma"])).T
+            self._blocks(sa[:, None] * cross * sb[None, :], a, b)
+            - np.add.reduceat(sa[:, None] * self._state[f"{a}|{b}/a_by_normb"], self._offsets[a][:-1], axis=0)
+            - np.add.reduceat(sb[:, None] * self._state[f"{a}|{b}/b_by_norma"], self._offsets[b][:-1], axis=0).T
             + norms
         )
-        return trace + totals / ((n - 1) * (n - 2)) - 2 * rows / (n - 2)
+        return trace + np.outer(squares_a, squares_b) / ((n - 1) * (n - 2)) - 2 * rows / (n - 2)
 
     def result(self, a: str, b: str, debiased: bool = False) -> np.ndarray:
         """(P_a, P_b) matrix of linear CKA between the points of views ``a`` and ``b`` over every sample seen."""

@@ -9,7 +9,7 @@ Writes, in the output directory (each file atomically; the index last, so its pr
 * ``cka/A__B.npz`` per model pair: ``input`` (L_A x L_B linear CKA between the nodes' inputs), ``output`` (between
   their outputs), and the point matrices ``points_biased`` / ``points_debiased`` of shape (L_A + 1, L_B + 1), where
   point p is the tensor entering node p (p = 0 the model input, p = L the model output; see ``graph/taps.py``).
-  ``input`` and ``output`` hold the kind named by the settings (``debiased``).
+  ``input`` and ``output`` hold the kind named by the settings (``debiased``, the default).
 * ``progress/rank-R-of-W.npz`` while running: the accumulated sums and how many batches they cover. An interrupted
   run started again with the same settings continues from there and ends with the same matrices; it is removed
   when the run completes.
@@ -54,6 +54,37 @@ class ZooMember:
     std: tuple[float, ...]
     input_size: tuple[int, int, int] = (3, 32, 32)
     source: dict = field(default_factory=dict)  # where it came from (pretrained name, architecture), for the record
+
+
+def load_zoo(spec: str, image_size: int | None = None) -> list[ZooMember]:
+    """Shipped pretrained models by name, comma-separated, or a named group (``split-cifar``), as zoo members with
+    the normalisation they were trained with; ``image_size`` overrides the size they were trained at."""
+    from ..errors import UnknownModelError
+    from ..evaluate import normalization_of
+    from ..zoo import create_model
+    from ..zoo.pretrained import load_manifest, manifest_entry
+    from ..zoo.recipes import ZOO_SETS
+
+    names: list[str] = []
+    for item in (part.strip() for part in spec.split(",")):
+        if item:
+            names.extend(ZOO_SETS.get(item, (item,)))
+    shipped = {entry.name for entry in load_manifest()}
+    unknown = [name for name in names if name not in shipped]
+    if unknown:
+        raise UnknownModelError(
+            f"no shipped model named {', '.join(unknown)}; use names from `reassembly zoo list` "
+            f"({', '.join(sorted(shipped))}) or a group ({', '.join(ZOO_SETS)})"
+        )
+    members = []
+    for name in dict.fromkeys(names):
+        entry = manifest_entry(name)
+        model = create_model(name, pretrained=True)
+        mean, std = normalization_of(model, model.reassembly_metadata)
+        size = image_size or entry.image_size
+        members.append(ZooMember(name, model, mean, std, (3, size, size),
+                                 {"pretrained": name, "architecture": entry.architecture}))
+    return members
 
 
 @dataclass
@@ -152,9 +183,9 @@ def compute_similarity(
     *,
     settings: dict | None = None,
     batch_size: int = 250,
-    estimator: str = "exact",
+    estimator: str = "minibatch",
     token_pool: str = "mean",
-    debiased: bool = False,
+    debiased: bool = True,
     heatmaps: bool = True,
     progress: bool = True,
     checkpoint_seconds: float = 60.0,
