@@ -37,6 +37,8 @@ demo: setup data
 	$(BIN)/reassembly eval --model resnet20_cifar5 --pretrained --data 'cifar10[0:5]' --split test
 	$(BIN)/reassembly eval --model cifar_resnet20 --checkpoint $(AKAMASTER)/resnet20-12fca82f.th --data cifar10 --split test
 	$(BIN)/reassembly eval --model cifar_resnet32 --checkpoint $(AKAMASTER)/resnet32-d509ac18.th --data cifar10 --split test
+	$(BIN)/reassembly similarity --zoo split-cifar --data 'cifar10[0:5]' --probe-size 500 --out runs/demo/similarity
+	$(BIN)/reassembly partition runs/demo/similarity --k 4
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

@@ -353,9 +353,9 @@ def similarity(zoo_spec, data_spec, split, probe_size, out_dir, seed, batch_size
     from .similarity import compute_similarity, load_zoo
 
     if probe_size < 1:
-        raise click.BadParameter(f"must be at least 1, got {probe_size}", param_hint="--probe-size")
+        raise ReassemblyError(f"--probe-size {probe_size} leaves the probe set empty; give at least 4 images")
     if batch_size < 4:
-        raise click.BadParameter(f"must be at least 4, got {batch_size}", param_hint="--batch-size")
+        raise ReassemblyError(f"--batch-size {batch_size} is too small: unbiased HSIC needs batches of at least 4")
     members = load_zoo(zoo_spec, image_size)
     size = members[0].input_size[1]
     data = load_dataset(data_spec, split, root=data_root, image_size=size, channels=3)

@@ -229,16 +229,14 @@ def compute_similarity(
             )
         return existing
 
-    chains, widths = {}, {}
+    chains = {}
     for member in zoo:
-        member.model.eval()
-        chain = dissect(member.model, member.input_size, name=member.name)
         if tuple(probe.image_size) != tuple(member.input_size):
             raise ReassemblyError(
                 f"{member.name} takes inputs of size {tuple(member.input_size)} but the probe images are "
                 f"{tuple(probe.image_size)}: load the probe data at the model's size"
             )
-        chains[member.name] = chain
+        chains[member.name] = dissect(member.model.eval(), member.input_size, name=member.name)
 
     rank, world = _distributed()
     bounds = batch_bounds(len(probe), batch_size)
