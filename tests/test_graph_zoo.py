@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from reassembly.graph import dissect, verify
+from reassembly.measure import count_macs
 from reassembly.zoo import registry
 
 
@@ -21,6 +22,7 @@ def test_zoo_model_dissects_and_recomposes(name):
     assert kinds[0] == "stem" and kinds[-1] == "head" and set(kinds[1:-1]) == {"body"}
     assert len({node.name for node in chain}) == len(chain)
     assert chain.params == sum(p.numel() for p in model.parameters())
+    assert chain.macs == count_macs(model, size)  # one MAC counter for the package, CPU attention included
     assert chain[-1].out_shape == (registry.model_info(name).default_num_classes,)
 
 

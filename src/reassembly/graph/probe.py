@@ -12,11 +12,15 @@ import torch
 import torch.fx as fx
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..measure.counting import mac_counter
+
 
 @dataclass(frozen=True)
 class Probe:
     """Per-node facts from one run: ``shapes[node]`` is the full output shape (batch first) or None when the output
-    is not a single tensor; ``flops[node]`` counts conv/linear/matmul/attention FLOPs (2 per multiply-accumulate)."""
+    is not a single tensor; ``flops[node]`` counts conv/linear/matmul/attention FLOPs (2 per multiply-accumulate) with
+    the package's one counter (:func:`~reassembly.measure.counting.mac_counter`), so that a chain adds up to
+    ``count_macs`` of its model."""
 
     shapes: dict[fx.Node, tuple[int, ...] | None]
     flops: dict[fx.Node, int]
@@ -41,7 +45,7 @@ class _Recorder(fx.Interpreter):
 
 def probe(root: torch.nn.Module, graph: fx.Graph, example: torch.Tensor) -> Probe:
     """Run ``graph`` on ``example`` without gradients and record each node's output shape and FLOPs."""
-    counter = FlopCounterMode(display=False)
+    counter = mac_counter()
     recorder = _Recorder(root, graph, counter)
     with torch.no_grad(), counter:
         output = recorder.run(example)
