@@ -658,3 +658,27 @@ def test_cuts_inside_an_untraceable_module_use_its_recorded_calls():
     assert chain.method == "module-calls"
     assert [node.name for node in chain][2:4] == ["blocks.1.first", "blocks.1.second"]
     assert verify(chain, model, torch.randn(2, 3, 16, 16)) < 1e-5
+
+
+class UpsamplingNet(nn.Module):
+    """A decoder-like step: the map is upsampled past the input resolution before the classifier pools it."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 8)
+        self.up = nn.Sequential(nn.Upsample(scale_factor=2), conv_bn(8, 8))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.up(self.stem(x))).flatten(1))
+
+
+def test_an_upsampled_map_is_a_feature_map_with_a_fractional_reduction():
+    model = _randomise_norms(UpsamplingNet())
+    chain = dissect(model, (3, 16, 16))
+    assert [node.name for node in chain] == ["stem..up.0", "up.1", "pool..fc"]  # the upsampling trails the stem
+    stem, up = chain[0], chain[1]
+    assert (stem.out_shape, stem.format, stem.reduction) == ((8, 32, 32), "nchw", 0.5)
+    assert (up.in_format, up.format, up.in_reduction, up.reduction, up.channels) == ("nchw", "nchw", 0.5, 0.5, 8)
+    assert verify(chain, model, torch.randn(2, 3, 16, 16)) < 1e-5

@@ -16,7 +16,7 @@ MAX_PREFIX_TOKENS = 16  # class / distillation / register tokens that ride along
 @dataclass(frozen=True)
 class Layout:
     """``format`` is one of nchw, nhwc, tokens (B, N, D), vector (B, D) or other; ``reduction`` is the input height
-    over the feature height (patch size for tokens), None where there is no grid."""
+    over the feature height (patch size for tokens; below 1 for an upsampled map), None where there is no grid."""
 
     format: str
     channels: int | None
@@ -33,8 +33,9 @@ def _clean(reduction: float) -> float | int:
 
 
 def _grid_reduction(height: int, width: int, rows: int, cols: int) -> float | None:
-    """Reduction when (rows, cols) is a plausible feature grid of a (height, width) image, else None."""
-    if rows < 1 or cols < 1 or rows > height or cols > width:
+    """Reduction when (rows, cols) is a plausible feature grid of a (height, width) image, else None. A grid finer
+    than the image (an upsampled map, as in a decoder) has a reduction below 1."""
+    if rows < 1 or cols < 1:
         return None
     by_rows, by_cols = _ratio(height, rows), _ratio(width, cols)
     if abs(by_rows - by_cols) > 0.15 * max(by_rows, by_cols):
