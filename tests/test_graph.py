@@ -682,3 +682,18 @@ def test_an_upsampled_map_is_a_feature_map_with_a_fractional_reduction():
     assert (stem.out_shape, stem.format, stem.reduction) == ((8, 32, 32), "nchw", 0.5)
     assert (up.in_format, up.format, up.in_reduction, up.reduction, up.channels) == ("nchw", "nchw", 0.5, 0.5, 8)
     assert verify(chain, model, torch.randn(2, 3, 16, 16)) < 1e-5
+
+
+class VarArgsNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, *inputs):
+        return self.fc(self.conv(inputs[0]).mean((2, 3)))
+
+
+def test_a_forward_taking_varargs_is_a_dissection_error():
+    with pytest.raises(DissectionError, match=r"VarArgsNet: forward takes no single input tensor.*\(\*inputs\)"):
+        dissect(VarArgsNet(), (3, 16, 16))

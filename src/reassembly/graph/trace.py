@@ -79,16 +79,22 @@ def _timm_notrace() -> tuple[tuple[type, ...], tuple]:
     return modules, functions
 
 
-def _specialise_extra_arguments(model: nn.Module) -> dict:
+def _specialise_extra_arguments(model: nn.Module, model_name: str) -> dict:
     """Bind every forward argument after the input to its default, so the graph has exactly one input."""
-    parameters = list(inspect.signature(model.forward).parameters.values())[1:]
+    parameters = list(inspect.signature(model.forward).parameters.values())
+    if not parameters or parameters[0].kind in (parameters[0].VAR_POSITIONAL, parameters[0].VAR_KEYWORD):
+        raise DissectionError(
+            f"{model_name}: forward takes no single input tensor (its signature is "
+            f"{inspect.signature(model.forward)}); dissection feeds one tensor, so wrap the model in a module whose "
+            "forward(x) calls it"
+        )
     concrete = {}
-    for parameter in parameters:
+    for parameter in parameters[1:]:
         if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
             continue
         if parameter.default is parameter.empty:
             raise DissectionError(
-                f"{type(model).__name__}.forward needs argument `{parameter.name}` besides the input; dissection "
+                f"{model_name}: forward needs argument `{parameter.name}` besides the input; dissection "
                 "feeds a single tensor, so wrap the model in a module whose forward takes only that tensor"
             )
         concrete[parameter.name] = parameter.default
@@ -123,7 +129,7 @@ def trace(model: nn.Module, model_name: str, strict: bool = False) -> TracedMode
     raises instead. Raises :class:`UntraceableModelError` naming the innermost failing module when the top-level
     forward itself cannot be traced, or under ``strict``."""
     leaves, functions = _timm_notrace()
-    concrete = _specialise_extra_arguments(model)
+    concrete = _specialise_extra_arguments(model, model_name)
     opaque_types: tuple[type, ...] = ()
     while True:
         tracer = _ScopedTracer(leaves + opaque_types, functions)
