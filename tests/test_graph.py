@@ -697,3 +697,29 @@ class VarArgsNet(nn.Module):
 def test_a_forward_taking_varargs_is_a_dissection_error():
     with pytest.raises(DissectionError, match=r"VarArgsNet: forward takes no single input tensor.*\(\*inputs\)"):
         dissect(VarArgsNet(), (3, 16, 16))
+
+
+class LogitsAndFeatures(ResNet):
+    """Returns the logits with the pooled features, as a tuple or as a dict."""
+
+    def __init__(self, as_dict: bool):
+        super().__init__()
+        self.as_dict = as_dict
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(self.relu(self.bn1(self.conv1(x)))))
+        features = torch.flatten(self.avgpool(x), 1)
+        if self.as_dict:
+            return {"logits": self.fc(features), "features": [features, features.sum(1)]}
+        return self.fc(features), features
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_verify_compares_tuple_and_dict_outputs_element_by_element(as_dict):
+    model = _randomise_norms(LogitsAndFeatures(as_dict))
+    chain = dissect(model, (3, 32, 32))
+    x = torch.randn(2, 3, 32, 32)
+    assert verify(chain, model, x) < 1e-5
+    model.fc = nn.Linear(16, 10)  # the chain still runs the old classifier
+    with pytest.raises(RecompositionError, match="relative error"):
+        verify(chain, model, x)
