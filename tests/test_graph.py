@@ -723,3 +723,31 @@ def test_verify_compares_tuple_and_dict_outputs_element_by_element(as_dict):
     model.fc = nn.Linear(16, 10)  # the chain still runs the old classifier
     with pytest.raises(RecompositionError, match="relative error"):
         verify(chain, model, x)
+
+
+class SharedSkipNet(nn.Module):
+    """A shared block whose second call ends while a skip connection is open: a cut after it is not legal."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 8)
+        self.shared = BasicBlock(8, 8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.shared(self.stem(x))
+        return self.fc((x + self.shared(x)).mean((2, 3)))
+
+
+def test_an_illegal_cut_error_suggests_only_module_names_that_cuts_accepts():
+    model = _randomise_norms(SharedSkipNet())
+    with pytest.raises(DissectionError, match="not legal") as caught:
+        dissect(model, (3, 16, 16), cuts=["shared"])
+    suggested = str(caught.value).split("modules a cut may follow: ")[1].split(", ")
+    assert suggested == ["stem.0", "stem.1", "stem"]  # not `shared.relu` (its last call is in the skip), nor `add_2`
+    for name in suggested:
+        assert verify(dissect(model, (3, 16, 16), cuts=[name]), model, torch.randn(2, 3, 16, 16)) < 1e-5
+    with pytest.raises(DissectionError) as caught:
+        dissect(_model("resnet"), (3, 32, 32), cuts=["layer1.0.conv1"])
+    suggested = str(caught.value).split("modules a cut may follow: ")[1].split(", ")
+    assert suggested == ["conv1", "bn1", "relu", "layer1.0", "layer1", "layer2.0", "layer2", "avgpool"]

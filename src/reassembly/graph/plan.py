@@ -327,10 +327,7 @@ def _reduction_change(context: _Context, start: int, end: int) -> int | None:
 
 def _named_cuts(context: _Context, names: list[str]) -> list[int]:
     flow = context.flow
-    last_seen: dict[str, int] = {}
-    for position, node in enumerate(flow.order):
-        for path, _ in node.meta.get(SCOPE, ()):
-            last_seen[path] = position
+    last_seen = _last_operations(flow)
     cuts = set()
     for name in names:
         if name not in last_seen:
@@ -342,18 +339,30 @@ def _named_cuts(context: _Context, names: list[str]) -> list[int]:
             continue  # the model ends there anyway
         cut = flow.canonical_cut(last_seen[name])
         if cut is None:
+            usable = _usable_cut_names(flow, last_seen)
+            hint = f"modules a cut may follow: {', '.join(usable[:12])}" if usable else "no module ends at a legal cut"
             raise DissectionError(
                 f"cut after `{name}` is not legal: more than one tensor crosses it (a skip connection or a branch "
-                f"spans it). Legal cuts follow: {', '.join(_cut_names(flow)[:12])}"
+                f"spans it); {hint}"
             )
         cuts.add(cut)
     return sorted(cuts)
 
 
-def _cut_names(flow: Dataflow) -> list[str]:
-    """Readable names for the legal cuts: the innermost module that produced the crossing tensor."""
-    names = []
-    for position in flow.cuts:
-        scope = flow.order[position].meta.get(SCOPE, ())
-        names.append(scope[-1][0] if scope else flow.order[position].name)
-    return list(dict.fromkeys(names))
+def _last_operations(flow: Dataflow) -> dict[str, int]:
+    """For every module called in the forward, the position of its last operation (a cut by name goes there)."""
+    last_seen: dict[str, int] = {}
+    for position, node in enumerate(flow.order):
+        for path, _ in node.meta.get(SCOPE, ()):
+            last_seen[path] = position
+    return last_seen
+
+
+def _usable_cut_names(flow: Dataflow, last_seen: dict[str, int]) -> list[str]:
+    """The module names ``cuts=`` accepts, one per legal cut (the outermost module ending there), in forward order."""
+    by_cut: dict[int, str] = {}
+    for path, position in last_seen.items():
+        cut = flow.canonical_cut(position)
+        if cut is not None and (cut not in by_cut or path.count(".") < by_cut[cut].count(".")):
+            by_cut[cut] = path
+    return [by_cut[cut] for cut in sorted(by_cut)]
