@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reassembly.graph import dissect, verify
+from reassembly.graph import DissectionError, dissect, verify
 from reassembly.measure import count_macs
 from reassembly.zoo import registry
 
@@ -33,3 +33,13 @@ def test_resnet_nodes_are_its_residual_blocks():
     assert body == [f"layer{stage}.{block}" for stage in (1, 2, 3) for block in range(3)]
     stages = dissect(model, (3, 32, 32), granularity="stage")
     assert [node.name for node in stages if node.kind == "body"] == ["layer1", "layer2", "layer3"]
+
+
+def test_named_cuts_keep_one_head_after_the_pooling():
+    model = registry.create_model("cifar_resnet20").eval()
+    chain = dissect(model, (3, 32, 32), cuts=["layer1", "layer2"])
+    assert [node.name for node in chain] == ["conv1..layer1", "layer2", "layer3", "pool..linear"]
+    assert [node.kind for node in chain] == ["stem", "body", "body", "head"]
+    assert verify(chain, model, torch.randn(2, 3, 32, 32)) < 1e-5
+    with pytest.raises(DissectionError, match="cut after `pool` falls inside the head, which starts at `pool`"):
+        dissect(model, (3, 32, 32), cuts=["layer3", "pool"])

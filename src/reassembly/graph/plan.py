@@ -12,7 +12,8 @@
 * **stage**: block nodes grouped where the spatial reduction changes (a node that reduces first and then computes
   opens a stage; one that computes and then pools closes it).
 * **fine**: every legal cut in the body.
-* **cuts by module name**: a boundary after the last operation of each named module.
+* **cuts by module name**: a boundary after the last operation of each named module, and the head cut (a named cut
+  cannot split the head).
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ def plan(
     context = _Context(model, flow, probe, input_size, flops)
     head = _head_cut(context)
     if cut_names is not None:
-        return _label(_named_cuts(context, cut_names), head, len(flow.order) - 1)
+        cuts = _named_cuts(context, cut_names, head)
+        return _label(cuts if head is None or head in cuts else sorted([*cuts, head]), head, len(flow.order) - 1)
     blocks = _merge_weightless(context, _block_cuts(context, head), head)
     if granularity == "block":
         return _label(blocks, head, len(flow.order) - 1)
@@ -325,7 +327,8 @@ def _reduction_change(context: _Context, start: int, end: int) -> int | None:
     return None
 
 
-def _named_cuts(context: _Context, names: list[str]) -> list[int]:
+def _named_cuts(context: _Context, names: list[str], head: int | None) -> list[int]:
+    """The cuts after the last operation of each named module; none may fall inside the head, which stays one node."""
     flow = context.flow
     last_seen = _last_operations(flow)
     cuts = set()
@@ -344,6 +347,13 @@ def _named_cuts(context: _Context, names: list[str]) -> list[int]:
             raise DissectionError(
                 f"cut after `{name}` is not legal: more than one tensor crosses it (a skip connection or a branch "
                 f"spans it); {hint}"
+            )
+        if head is not None and cut > head:
+            start = flow.order[head + 1]
+            where = start.meta[SCOPE][-1][0] if start.meta.get(SCOPE) else start.name
+            raise DissectionError(
+                f"cut after `{name}` falls inside the head, which starts at `{where}` (global pooling or token "
+                "selection and what follows) and stays one node; name a module before it"
             )
         cuts.add(cut)
     return sorted(cuts)
