@@ -422,6 +422,7 @@ def test_resnet_nodes_are_residual_blocks(chains):
     layer2 = chain[3]
     assert (layer2.in_shape, layer2.out_shape) == ((8, 32, 32), (16, 16, 16))
     assert (layer2.in_channels, layer2.channels, layer2.in_reduction, layer2.reduction) == (8, 16, 1, 2)
+    assert (layer2.in_grid, layer2.grid, layer2.prefix_tokens) == ((32, 32), (16, 16), 0)
     assert layer2.params == sum(p.numel() for p in chains["resnet", "block"][0].layer2[0].parameters())
     conv_macs = 8 * 16 * 9 * 16 * 16 + 16 * 16 * 9 * 16 * 16 + 8 * 16 * 16 * 16  # conv1, conv2, shortcut
     assert layer2.macs == conv_macs
@@ -474,9 +475,12 @@ def test_vit_stem_owns_class_token_and_position_embedding(chains):
     assert {"patch_embed", "cls_token", "pos_embed"} <= set(stem.modules)
     assert stem.params == sum(p.numel() for p in model.patch_embed.parameters()) + 16 + 17 * 16
     assert stem.out_shape == (17, 16) and stem.format == "tokens" and stem.reduction == 8
-    assert [node.name for node in chain][1:3] == ["blocks.0", "blocks.1"]
-    assert "norm" in chain[3].modules  # the weightless final norm joins the last block
-    assert chain[-1].in_shape == (17, 16)
+    assert (stem.in_grid, stem.in_prefix_tokens, stem.grid, stem.prefix_tokens) == ((32, 32), 0, (4, 4), 1)
+    assert [node.name for node in chain][1:4] == ["blocks.0", "blocks.1", "blocks.2"]
+    assert chain[-1].name == "norm..head"  # the final norm feeds the token selection: it opens the head
+    assert (chain[-1].in_shape, chain[-1].in_grid, chain[-1].in_prefix_tokens) == ((17, 16), (4, 4), 1)
+    assert (chain[-1].grid, chain[-1].prefix_tokens) == (None, 0)
+    assert chain.to_dict()["nodes"][1]["grid"] == [4, 4]
 
 
 def test_shared_module_params_are_counted_once(chains):
@@ -751,3 +755,68 @@ def test_an_illegal_cut_error_suggests_only_module_names_that_cuts_accepts():
         dissect(_model("resnet"), (3, 32, 32), cuts=["layer1.0.conv1"])
     suggested = str(caught.value).split("modules a cut may follow: ")[1].split(", ")
     assert suggested == ["conv1", "bn1", "relu", "layer1.0", "layer1", "layer2.0", "layer2", "avgpool"]
+
+
+class TimmLikeViT(nn.Module):
+    """Laid out like timm's VisionTransformer: the features end in the final norm; the head pools the class token or
+    averages the patch tokens (dropping the class and register tokens), then applies fc_norm and the classifier."""
+
+    def __init__(self, global_pool: str, registers: int = 0, dim: int = 16, patch: int = 8, image: int = 32):
+        super().__init__()
+        self.global_pool = global_pool
+        self.num_prefix_tokens = 1 + registers
+        self.patch_embed = nn.Conv2d(3, dim, patch, patch)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.reg_token = nn.Parameter(torch.randn(1, registers, dim) * 0.02)
+        self.pos_embed = nn.Parameter(torch.randn(1, (image // patch) ** 2 + self.num_prefix_tokens, dim) * 0.02)
+        self.blocks = nn.Sequential(*[TransformerBlock(dim, 2) for _ in range(2)])
+        self.norm = nn.LayerNorm(dim)
+        self.fc_norm = nn.LayerNorm(dim) if global_pool == "avg" else nn.Identity()
+        self.head = nn.Linear(dim, 10)
+
+    def forward_features(self, x):
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        prefix = [self.cls_token.expand(x.shape[0], -1, -1), self.reg_token.expand(x.shape[0], -1, -1)]
+        x = torch.cat([*prefix, x], dim=1) + self.pos_embed
+        return self.norm(self.blocks(x))
+
+    def forward_head(self, x):
+        x = x[:, self.num_prefix_tokens :].mean(dim=1) if self.global_pool == "avg" else x[:, 0]
+        return self.head(self.fc_norm(x))
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+@pytest.mark.parametrize(("global_pool", "registers"), [("token", 0), ("avg", 4)])
+def test_token_nodes_record_their_grid_and_prefix_tokens_and_the_final_norm_opens_the_head(global_pool, registers):
+    model = TimmLikeViT(global_pool, registers).eval()
+    chain = dissect(model, (3, 32, 32))
+    assert [node.name for node in chain] == ["patch_embed..pos_embed", "blocks.0", "blocks.1", "norm..head"]
+    assert "fc_norm" in chain[-1].modules or global_pool == "token"
+    for node in chain.nodes[:3]:
+        assert (node.format, node.grid, node.prefix_tokens) == ("tokens", (4, 4), 1 + registers)
+    head = chain[-1]
+    assert (head.in_format, head.in_grid, head.in_prefix_tokens, head.format, head.grid) == (
+        "tokens", (4, 4), 1 + registers, "vector", None
+    )  # fmt: skip
+    assert verify(chain, model, torch.randn(2, 3, 32, 32)) < 1e-5
+
+
+class ConvNormHead(nn.Module):
+    """The last conv's batch norm feeds the pooling directly: it is the conv's own norm, not a final norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 8)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(self.bn(self.conv(self.stem(x))).mean((2, 3)))
+
+
+def test_a_conv_keeps_its_norm_when_the_norm_feeds_the_pooling():
+    chain = dissect(_randomise_norms(ConvNormHead()), (3, 16, 16))
+    assert [node.name for node in chain] == ["stem", "conv..bn", "fc"]

@@ -43,3 +43,14 @@ def test_named_cuts_keep_one_head_after_the_pooling():
     assert verify(chain, model, torch.randn(2, 3, 32, 32)) < 1e-5
     with pytest.raises(DissectionError, match="cut after `pool` falls inside the head, which starts at `pool`"):
         dissect(model, (3, 32, 32), cuts=["layer3", "pool"])
+
+
+def test_vit_token_geometry_and_final_norm_in_the_head():
+    chain = dissect(registry.create_model("cifar_vit_tiny").eval(), (3, 32, 32))
+    body = [node for node in chain if node.kind == "body"]
+    assert [node.name for node in body] == [f"blocks.{index}" for index in range(6)]
+    for node in [chain[0], *body]:
+        assert (node.out_shape, node.grid, node.prefix_tokens) == ((65, 128), (8, 8), 1)
+    head = chain[-1]
+    assert head.name == "norm..head" and head.modules == ("norm", "head")
+    assert (head.in_grid, head.in_prefix_tokens, head.grid, head.prefix_tokens) == ((8, 8), 1, None, 0)

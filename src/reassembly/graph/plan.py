@@ -1,14 +1,15 @@
 """Which legal cuts become node boundaries: the stem, body and head of a chain at a chosen granularity.
 
 * **head**: from the global pooling / token selection on, i.e. after the legal cut whose tensor is consumed, for the
-  last time, by an operation that removes its grid or token axis.
+  last time, by an operation that removes its grid or token axis; a final norm that feeds it (a ViT's LayerNorm)
+  and a slice dropping the prefix tokens before averaging open the head too.
 * **block** (default): one body node per call of a *block-like* module: a traced-through module in a container
   whose children are all traced-through modules (``layer1.0``, ``blocks.3``, ``features.5``), the outermost such
   call unless it is a bare container or a stage holding a row of residual blocks (``stages.1`` opens into
   ``stages.1.blocks.0``...). Elsewhere (plain chains like VGG, blocks whose parent is no container such as RegNet
   stages) one node per weighted layer with its norm, activation and pooling, or per run of operations with no legal
-  cut inside (a residual block); a custom module's own layers stay together. Weightless nodes (a final norm) join
-  their neighbour. The **stem** is the first node.
+  cut inside (a residual block); a custom module's own layers stay together. Weightless nodes (a DenseNet's last
+  norm and activation) join their neighbour. The **stem** is the first node.
 * **stage**: block nodes grouped where the spatial reduction changes (a node that reduces first and then computes
   opens a stage; one that computes and then pools closes it).
 * **fine**: every legal cut in the body.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import operator
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,6 +51,14 @@ _POOL_FUNCTIONS = {
     torch.mean, torch.amax, torch.max, torch.sum,
 }  # fmt: skip
 _POOL_METHODS = {"mean", "amax", "max", "sum"}
+_NORM_MODULES = tuple(
+    getattr(nn, name)
+    for name in (
+        "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "InstanceNorm1d", "InstanceNorm2d",
+        "InstanceNorm3d", "LayerNorm", "GroupNorm", "RMSNorm",
+    )
+    if hasattr(nn, name)  # RMSNorm is newer than the oldest supported torch
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -131,7 +141,8 @@ def _is_pooling(node: fx.Node, model: nn.Module) -> bool:
 
 
 def _head_cut(context: _Context) -> int | None:
-    """The legal cut before the first operation that removes the grid/token axis of the whole state, if any."""
+    """The legal cut before the first operation that removes the grid/token axis of the whole state, if any, or
+    earlier where a final norm feeds that operation (see :func:`_head_start`)."""
     flow, shapes = context.flow, context.probe.shapes
     batch = shapes[flow.order[0]][0]
     for node in flow.order[1:]:
@@ -149,8 +160,63 @@ def _head_cut(context: _Context) -> int | None:
         out = out_shape[1:]
         pooled = _is_pooling(node, context.model) and grid_cells(out, describe(out, context.input_size)) == 1
         if len(out) == 1 or pooled:
-            return cut
+            return _head_start(context, cut)
     return None
+
+
+def _head_start(context: _Context, cut: int) -> int:
+    """Where the head begins, given the legal cut before the pooling or token selection: earlier, over a slice that
+    drops prefix tokens before averaging (``x[:, 1:].mean(1)``) and over a final norm that feeds these (a ViT's,
+    Swin's or Mixer's LayerNorm), so that they go to the head rather than into the last block."""
+    flow = context.flow
+    while (index := bisect.bisect_left(flow.cuts, cut)) > 0:
+        before = flow.cuts[index - 1]
+        span = flow.order[before + 1 : cut + 1]
+        if _drops_prefix_tokens(context, span):
+            cut = before
+        elif _is_final_norm(context, flow.order[before], span):
+            return before
+        else:
+            break
+    return cut
+
+
+def _drops_prefix_tokens(context: _Context, span: list[fx.Node]) -> bool:
+    shapes = context.probe.shapes
+    if len(span) != 1 or span[0].op != "call_function" or span[0].target is not operator.getitem:
+        return False
+    source, out = shapes.get(span[0].args[0]), shapes.get(span[0])
+    if source is None or out is None:
+        return False
+    before, after = describe(source[1:], context.input_size), describe(out[1:], context.input_size)
+    return before.format == after.format == "tokens" and before.grid == after.grid and after.prefix_tokens == 0
+
+
+def _is_final_norm(context: _Context, producer: fx.Node, span: list[fx.Node]) -> bool:
+    """Whether ``span`` is one call of a norm module that is not part of the layer before it (``producer``): a norm
+    whose module call encloses that layer (conv and norm in one Sequential, or both at the top level) is its own."""
+    enclosing = _common_prefix([node.meta.get(SCOPE, ()) for node in span])
+    norm = next((depth for depth, (path, _) in enumerate(enclosing) if _is_norm(context.model, path)), None)
+    if norm is None:
+        return False
+    calls = producer.meta.get(SCOPE, ())
+    owners = calls[:-1] if producer.op == "call_module" else calls  # the module calls whose forward made the tensor
+    return bool(owners) and owners[-1] not in enclosing[:norm]
+
+
+def _is_norm(model: nn.Module, path: str) -> bool:
+    return isinstance(model.get_submodule(path), _NORM_MODULES)
+
+
+def _common_prefix(scopes: list[tuple[Call, ...]]) -> tuple[Call, ...]:
+    """The module calls that enclose every one of ``scopes``, outermost first."""
+    prefix = scopes[0]
+    for scope in scopes[1:]:
+        depth = 0
+        while depth < min(len(prefix), len(scope)) and prefix[depth] == scope[depth]:
+            depth += 1
+        prefix = prefix[:depth]
+    return prefix
 
 
 def _block_like_paths(model: nn.Module, flow: Dataflow) -> set[str]:
