@@ -820,3 +820,19 @@ class ConvNormHead(nn.Module):
 def test_a_conv_keeps_its_norm_when_the_norm_feeds_the_pooling():
     chain = dissect(_randomise_norms(ConvNormHead()), (3, 16, 16))
     assert [node.name for node in chain] == ["stem", "conv..bn", "fc"]
+
+
+def test_a_block_follows_the_model_training_mode():
+    model = _model("resnet")
+    chain = dissect(model, (3, 32, 32))
+    block = chain[1:3]  # layer1.0, layer1.1
+    assert not block.training
+    model.train()
+    assert block.training
+    model.eval()
+    assert not block.training
+    block.train()  # what model.train() does to layer1
+    assert block.training and model.layer1[0].training and model.layer1[1].bn2.training
+    assert not model.layer2[0].training and not model.training
+    block.eval()
+    assert not block.training and not model.layer1[0].training and not model.layer1[1].bn2.training

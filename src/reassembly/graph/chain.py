@@ -1,11 +1,13 @@
 """The node chain: atomic nodes with metadata, and runnable blocks cut out of the model's own graph.
 
 A block ``chain[i:j]`` is an ``fx.GraphModule`` holding *references* to the model's submodules and parameters, so
-training a block trains the model, and its ``state_dict`` keys are the model's own (``layer1.0.conv1.weight``).
+training a block trains the model, and its ``state_dict`` keys are the model's own (``layer1.0.conv1.weight``). Its
+training mode is the model's too (see :class:`ChainBlock`).
 """
 
 from __future__ import annotations
 
+import copy
 import operator
 from typing import Iterator
 
@@ -16,12 +18,39 @@ import torch.nn as nn
 from .cuts import Dataflow
 from .nodes import NodeInfo, segment_nodes
 from .plan import Segment
+from .trace import SCOPE
 
 _INPLACE_OPERATORS = {
     operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
     operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
     operator.ilshift, operator.irshift, operator.imatmul, operator.setitem,
 }  # fmt: skip
+
+
+class ChainBlock(fx.GraphModule):
+    """A run of chain nodes whose training mode is the model's.
+
+    The operations a block runs belong to the forwards of model modules (``owners``) that are not submodules of the
+    block, so the block's own flag would go stale: ``training`` reads the owners' flags (``model.train()`` puts the
+    block in training mode), and ``train()``/``eval()`` set them as well as those of the submodules the block calls,
+    as ``model.train()`` would for that part of the model."""
+
+    owners: tuple[nn.Module, ...] = ()
+
+    @property
+    def training(self) -> bool:
+        return any(owner.training for owner in self.owners)
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        for owner in self.owners:  # none yet while nn.Module.__init__ sets the flag
+            owner.training = mode
+
+    def __deepcopy__(self, memo: dict) -> ChainBlock:
+        copied = super().__deepcopy__(memo)  # rebuilt from the graph: plain attributes are dropped
+        copied.node_names = list(self.node_names)
+        copied.owners = copy.deepcopy(self.owners, memo)  # the copies of the modules the copied block calls
+        return copied
 
 
 class NodeChain:
@@ -64,7 +93,7 @@ class NodeChain:
     def __iter__(self) -> Iterator[NodeInfo]:
         return iter(self.nodes)
 
-    def __getitem__(self, key: int | slice) -> NodeInfo | fx.GraphModule:
+    def __getitem__(self, key: int | slice) -> NodeInfo | ChainBlock:
         if isinstance(key, slice):
             start, stop, step = key.indices(len(self))
             if step != 1:
@@ -90,7 +119,7 @@ class NodeChain:
                 return node.index
         raise KeyError(f"{self.name} has no node named {name!r}; nodes: {[node.name for node in self.nodes]}")
 
-    def block(self, start: int, stop: int) -> fx.GraphModule:
+    def block(self, start: int, stop: int) -> ChainBlock:
         """An ``nn.Module`` running nodes ``start .. stop-1`` (sharing the model's parameters; built once)."""
         if not 0 <= start < stop <= len(self):
             raise IndexError(f"block [{start}:{stop}] is empty or outside the chain of {len(self)} nodes")
@@ -98,7 +127,7 @@ class NodeChain:
             self._blocks[start, stop] = self._build_block(start, stop)
         return self._blocks[start, stop]
 
-    def _build_block(self, start: int, stop: int) -> fx.GraphModule:
+    def _build_block(self, start: int, stop: int) -> ChainBlock:
         flow = self._flow
         graph = fx.Graph()
         entry = graph.placeholder("x")
@@ -117,10 +146,21 @@ class NodeChain:
         result = flow.value_after(self._segments[stop - 1].end)
         graph.output(fx.map_arg(result, lookup))
         _protect_input(graph, entry, self._root)
-        names = [node.name for node in self.nodes[start:stop]]
-        block = fx.GraphModule(self._root, graph, class_name="ChainBlock")
-        block.node_names = names
+        block = ChainBlock(self._root, graph, class_name="ChainBlock")
+        block.node_names = [node.name for node in self.nodes[start:stop]]
+        block.owners = self._owners(self._segments[start:stop])
         return block
+
+    def _owners(self, segments: list[Segment]) -> tuple[nn.Module, ...]:
+        """The model modules whose forward code makes the operations of ``segments`` (the model itself for top-level
+        operations); a called leaf module is not its own owner but a submodule of the block."""
+        paths: dict[str, None] = {}
+        for segment in segments:
+            for node in segment_nodes(self._flow, segment):
+                calls = node.meta.get(SCOPE, ())
+                calls = calls[:-1] if node.op == "call_module" else calls
+                paths[calls[-1][0] if calls else ""] = None
+        return tuple(self.model.get_submodule(path) for path in paths)
 
     def split(self, boundaries: list[int]) -> nn.ModuleList:
         """Consecutive blocks ``[0:b1], [b1:b2], ..., [bk:len]`` for node indices ``boundaries``."""
