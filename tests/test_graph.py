@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -836,3 +837,81 @@ def test_a_block_follows_the_model_training_mode():
     assert not model.layer2[0].training and not model.training
     block.eval()
     assert not block.training and not model.layer1[0].training and not model.layer1[1].bn2.training
+
+
+class DropoutBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return x + F.dropout(F.relu(self.conv(x)), 0.5, self.training)
+
+
+class DropoutNet(nn.Module):
+    """Functional dropout that reads ``self.training``, inside blocks and in the top-level forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.Sequential(DropoutBlock(8), DropoutBlock(8))
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.blocks(self.stem(x)).mean((2, 3))
+        return self.fc(F.dropout(x, p=0.5, training=self.training))
+
+
+def _run_chain(chain: NodeChain, x: torch.Tensor) -> torch.Tensor:
+    for index in range(len(chain)):
+        x = chain[index : index + 1](x)
+    return x
+
+
+def test_traced_dropout_follows_the_training_mode():
+    model = DropoutNet().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every training-dependent call is followed: nothing to warn about
+        chain = dissect(model, (3, 16, 16))
+    assert [node.name for node in chain] == ["stem", "blocks.0", "blocks.1", "fc"]
+    x = torch.randn(2, 3, 16, 16)
+    assert verify(chain, model, x) < 1e-5
+    model.train()
+    torch.manual_seed(1)
+    expected = model(x)
+    torch.manual_seed(1)
+    assert torch.equal(_run_chain(chain, x), expected)  # the same dropout masks as the model's
+    model.eval()
+    assert not torch.allclose(expected, model(x))
+    block, value = chain[1:2], chain[0:1](x)
+    assert torch.equal(block(value), block(value))  # eval: deterministic
+    block.train()
+    assert not torch.equal(block(value), block(value))
+    assert model.blocks[0].training and not model.blocks[1].training
+
+
+class DropPath(nn.Module):
+    """Skips itself in eval mode: a traced graph keeps no operation of it."""
+
+    def forward(self, x):
+        if not self.training:
+            return x
+        keep = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < 0.9
+        return x * keep / 0.9
+
+
+class DropPathBlock(DropoutBlock):
+    def __init__(self, channels: int):
+        super().__init__(channels)
+        self.drop_path = DropPath()
+
+    def forward(self, x):
+        return x + self.drop_path(F.relu(self.conv(x)))
+
+
+def test_training_code_the_graph_cannot_follow_is_named_in_a_warning():
+    model = DropoutNet().eval()
+    model.blocks[1] = DropPathBlock(8)
+    with pytest.warns(UserWarning, match=r"DropoutNet: `blocks.1.drop_path` behave differently in training mode"):
+        chain = dissect(model, (3, 16, 16))
+    assert verify(chain, model, torch.randn(2, 3, 16, 16)) < 1e-5

@@ -33,7 +33,8 @@ class ChainBlock(fx.GraphModule):
     The operations a block runs belong to the forwards of model modules (``owners``) that are not submodules of the
     block, so the block's own flag would go stale: ``training`` reads the owners' flags (``model.train()`` puts the
     block in training mode), and ``train()``/``eval()`` set them as well as those of the submodules the block calls,
-    as ``model.train()`` would for that part of the model."""
+    as ``model.train()`` would for that part of the model. Traced code that passed ``self.training`` on reads the
+    owner's flag when the block runs (see :class:`~reassembly.graph.trace.TrainingFlag`)."""
 
     owners: tuple[nn.Module, ...] = ()
 

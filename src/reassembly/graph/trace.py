@@ -30,12 +30,14 @@ class TracedModel:
     """A traced graph whose nodes carry module-call scopes.
 
     ``root`` owns (by reference) every submodule, parameter and constant the graph uses; ``opaque`` lists the
-    modules kept whole because their forward could not be traced."""
+    modules kept whole because their forward could not be traced; ``frozen`` those whose code runs as in eval mode
+    even in training mode (see :func:`_follow_training_mode`)."""
 
     root: nn.Module
     graph: fx.Graph
     method: str  # "fx" for symbolic tracing, "module-calls" for the hook-recorded chain of module calls
     opaque: tuple[str, ...] = ()
+    frozen: tuple[str, ...] = ()  # modules ("" for the top level) whose training-mode code the graph does not follow
 
 
 class _ScopedTracer(fx.Tracer):
@@ -149,7 +151,97 @@ def trace(model: nn.Module, model_name: str, strict: bool = False) -> TracedMode
         for node in graph.nodes
         if node.op == "call_module" and isinstance(model.get_submodule(node.target), opaque_types)
     )
-    return TracedModel(root, graph, "fx", tuple(dict.fromkeys(opaque)))
+    frozen = _follow_training_mode(model, root, _ScopedTracer(leaves + opaque_types, functions), concrete)
+    return TracedModel(root, graph, "fx", tuple(dict.fromkeys(opaque)), frozen)
+
+
+class TrainingFlag(nn.Module):
+    """Returns, when the graph runs, the training flag of ``owner``: the module whose forward passed ``self.training``
+    to the call that reads this. The owner is held, not registered, so its parameters are not counted twice."""
+
+    def __init__(self, owner: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "owner", owner)
+
+    def forward(self) -> bool:
+        return self.owner.training
+
+
+def _follow_training_mode(
+    model: nn.Module, root: fx.GraphModule, tracer: _ScopedTracer, concrete: dict
+) -> tuple[str, ...]:
+    """Make traced code that reads ``self.training`` follow the flag at run time; return where it cannot.
+
+    Tracing runs in eval mode, so ``F.dropout(x, p, self.training)`` is recorded with ``False`` and a drop path
+    (``if not self.training: return x``) leaves no operation at all. The model is traced once more in training mode
+    and the two graphs are compared call by call: an argument that is ``False`` in one and ``True`` in the other is the
+    training flag, and now reads the calling module's flag through a :class:`TrainingFlag`. Any other difference stays
+    frozen to eval behaviour: the modules concerned are returned ("" for the top-level forward)."""
+    modes = {module: module.training for module in model.modules()}
+    model.train()
+    try:
+        train_graph = tracer.trace(model, concrete_args=concrete or None)
+    except Exception as error:  # the training-mode forward differs so much that it cannot be traced
+        return (getattr(error, "reassembly_module_path", ""),)
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    if concrete:
+        _drop_specialisation_guards(train_graph)
+    ours, theirs = _by_call(root.graph), _by_call(train_graph)
+    frozen: dict[str, None] = {}
+    for scope in dict.fromkeys([*ours, *theirs]):
+        nodes, others = ours.get(scope, []), theirs.get(scope, [])
+        flags = [_flag_arguments(node, other) for node, other in zip(nodes, others)]
+        if [(n.op, n.target) for n in nodes] != [(n.op, n.target) for n in others] or None in flags:
+            frozen[scope[-1][0] if scope else ""] = None
+            continue
+        for node, keys in zip(nodes, flags):
+            for key in keys:
+                _read_training_flag(model, root, node, key)
+    root.recompile()
+    return tuple(frozen)
+
+
+def _by_call(graph: fx.Graph) -> dict[tuple[Call, ...], list[fx.Node]]:
+    """The graph's operations grouped by the module calls enclosing them."""
+    calls: dict[tuple[Call, ...], list[fx.Node]] = {}
+    for node in graph.nodes:
+        if node.op not in ("placeholder", "output"):
+            calls.setdefault(node.meta[SCOPE], []).append(node)
+    return calls
+
+
+def _flag_arguments(node: fx.Node, other: fx.Node) -> list[int | str] | None:
+    """Positions and keywords where ``node`` passes ``False`` and ``other`` passes ``True`` (a training flag); None
+    when the two calls differ in any other constant."""
+    if len(node.args) != len(other.args) or node.kwargs.keys() != other.kwargs.keys():
+        return None
+    pairs = [*zip(range(len(node.args)), node.args, other.args)]
+    pairs += [(key, node.kwargs[key], other.kwargs[key]) for key in node.kwargs]
+    flags: list[int | str] = []
+    for key, ours, theirs in pairs:
+        if ours is False and theirs is True:
+            flags.append(key)
+        elif fx.node.map_arg(ours, lambda _: None) != fx.node.map_arg(theirs, lambda _: None):
+            return None
+    return flags
+
+
+def _read_training_flag(model: nn.Module, root: fx.GraphModule, node: fx.Node, key: int | str) -> None:
+    """Make argument ``key`` of ``node`` the training flag, read when the graph runs, of the module that called it."""
+    calls = node.meta[SCOPE][:-1] if node.op == "call_module" else node.meta[SCOPE]
+    owner = calls[-1][0] if calls else ""
+    name = f"reassembly_training_of_{owner.replace('.', '_') or 'model'}"
+    if not hasattr(root, name):
+        root.add_module(name, TrainingFlag(model.get_submodule(owner)))
+    with root.graph.inserting_before(node):
+        flag = root.graph.call_module(name)
+    flag.meta[SCOPE] = calls
+    if isinstance(key, int):
+        node.update_arg(key, flag)
+    else:
+        node.update_kwarg(key, flag)
 
 
 def _untraceable(model: nn.Module, model_name: str, error: Exception) -> UntraceableModelError:
