@@ -915,3 +915,76 @@ def test_training_code_the_graph_cannot_follow_is_named_in_a_warning():
     with pytest.warns(UserWarning, match=r"DropoutNet: `blocks.1.drop_path` behave differently in training mode"):
         chain = dissect(model, (3, 16, 16))
     assert verify(chain, model, torch.randn(2, 3, 16, 16)) < 1e-5
+
+
+class EarlyBatchResNet(ResNet):
+    """Reads the batch size first and uses it before the classifier."""
+
+    def forward(self, x):
+        batch = x.shape[0]
+        x = self.layer2(self.layer1(self.relu(self.bn1(self.conv1(x)))))
+        return self.fc(self.avgpool(x).reshape(batch, -1))
+
+
+class GridBlock(nn.Module):
+    """A Swin-like block: tokens in and out, the grid size passed in to see them as a map."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.mix = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.fc = nn.Linear(dim, dim)
+
+    def forward(self, x, height, width):
+        batch, tokens, dim = x.shape
+        grid = self.norm(x).view(batch, height, width, dim).permute(0, 3, 1, 2)
+        return x + self.fc(self.mix(grid).permute(0, 2, 3, 1).reshape(batch, tokens, dim))
+
+
+class GridNet(nn.Module):
+    def __init__(self, dim: int = 16):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, dim, 4, 4)
+        self.blocks = nn.ModuleList([GridBlock(dim) for _ in range(3)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        x = self.patch_embed(x)
+        height, width = x.shape[2], x.shape[3]
+        x = x.flatten(2).transpose(1, 2)
+        for block in self.blocks:
+            x = block(x, height, width)
+        return self.head(self.norm(x).mean(1))
+
+
+class FoldedSizeNet(SharedNet):
+    """Reads a size from a tensor whose batch axis is folded into its rows, and uses it in the head."""
+
+    def forward(self, x):
+        x = self.stem(x)
+        rows = x.flatten(2).transpose(1, 2).reshape(-1, 8).shape[0]
+        x = self.shared(self.shared(x))
+        return self.fc(x.mean((2, 3))) * rows
+
+
+def test_sizes_read_from_shapes_are_recomputed_in_each_block():
+    model = _model("resnet")
+    model.__class__ = EarlyBatchResNet
+    chain = dissect(model, (3, 32, 32))
+    assert [node.name for node in chain] == [node.name for node in dissect(_model("resnet"), (3, 32, 32))]
+    assert chain[-1].kind == "head" and chain[-1].name == "avgpool..fc"
+    assert verify(chain, model, torch.randn(3, 3, 32, 32)) < 1e-5  # another batch size than the probe's
+
+    model = GridNet().eval()
+    chain = dissect(model, (3, 32, 32))
+    assert [node.name for node in chain] == ["patch_embed", "blocks.0", "blocks.1", "blocks.2", "norm..head"]
+    assert [node.kind for node in chain] == ["stem", "body", "body", "body", "head"]
+    assert verify(chain, model, torch.randn(3, 3, 32, 32)) < 1e-5
+    with pytest.raises(RecompositionError, match=r"block \[1:2\] takes sizes .* input must have shape \(64, 16\)"):
+        chain[1:2](torch.randn(2, 16, 16))  # the grid size (8, 8) holds for 32x32 images only
+
+
+def test_a_size_no_block_can_recompute_is_an_error_naming_it():
+    with pytest.raises(DissectionError, match=r"size `getitem` = 512 \(at .*test_graph.py:\d+: rows = x.flatten"):
+        dissect(_randomise_norms(FoldedSizeNet()), (3, 16, 16))

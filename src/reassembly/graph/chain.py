@@ -16,8 +16,10 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .cuts import Dataflow
+from .errors import RecompositionError
 from .nodes import NodeInfo, segment_nodes
 from .plan import Segment
+from .sizes import SizeRecipe
 from .trace import SCOPE
 
 _INPLACE_OPERATORS = {
@@ -75,6 +77,7 @@ class NodeChain:
         granularity: str,
         method: str,
         opaque: tuple[str, ...] = (),
+        sizes: dict[fx.Node, SizeRecipe] | None = None,
     ):
         self.model = model
         self.name = name
@@ -86,6 +89,7 @@ class NodeChain:
         self._root = root
         self._flow = flow
         self._segments = segments
+        self._sizes = sizes or {}  # how a block recomputes a size read from a shape before its input
         self._blocks: dict[tuple[int, int], fx.GraphModule] = {}
 
     def __len__(self) -> int:
@@ -132,21 +136,47 @@ class NodeChain:
         flow = self._flow
         graph = fx.Graph()
         entry = graph.placeholder("x")
-        env: dict[fx.Node, fx.Node] = {flow.value_after(self._segments[start].start): entry}
+        env: dict[fx.Node, object] = {flow.value_after(self._segments[start].start): entry}
+        fixed: list[str] = []  # sizes taken as constants: they hold at the input size of the dissection only
 
-        def lookup(node: fx.Node) -> fx.Node:
-            if node not in env:  # parameters and constants are recomputed wherever they are needed
-                if node not in flow.constants:
+        def lookup(node: fx.Node) -> object:
+            if node not in env:  # parameters, constants and sizes are recomputed wherever they are needed
+                if node in self._sizes:
+                    env[node] = recompute(node)
+                elif node in flow.constants:
+                    env[node] = graph.node_copy(node, lookup)
+                else:
                     raise AssertionError(f"node {node.name} crosses a cut that was deemed legal")
-                env[node] = graph.node_copy(node, lookup)
             return env[node]
+
+        def recompute(node: fx.Node) -> object:
+            recipe = self._sizes[node]
+            if recipe.how == "batch":
+                return graph.call_method("size", (entry, 0))
+            if recipe.how == "constant":
+                fixed.append(node.name)
+                return recipe.value
+            return graph.node_copy(node, lookup)
 
         for segment in self._segments[start:stop]:
             for node in segment_nodes(flow, segment):
-                env[node] = graph.node_copy(node, lookup)
+                unread = [arg for arg in node.all_input_nodes if arg in flow.position and arg not in env]
+                if node in flow.sizes and any(arg not in flow.sizes for arg in unread):
+                    env[node] = recompute(node)  # reads the shape of a tensor that stayed in an earlier block
+                else:
+                    env[node] = graph.node_copy(node, lookup)
         result = flow.value_after(self._segments[stop - 1].end)
         graph.output(fx.map_arg(result, lookup))
         _protect_input(graph, entry, self._root)
+        if fixed:
+            shape = self.nodes[start].in_shape
+            message = (
+                f"{self.name}: block [{start}:{stop}] takes sizes its model read from tensor shapes "
+                f"({', '.join(fixed)}) as fixed by the input size {self.input_size}, so its input must have shape "
+                f"{shape} (without batch)"
+            )
+            with graph.inserting_after(entry):
+                graph.call_function(_check_input_shape, (entry, shape, message))
         block = ChainBlock(self._root, graph, class_name="ChainBlock")
         block.node_names = [node.name for node in self.nodes[start:stop]]
         block.owners = self._owners(self._segments[start:stop])
@@ -199,6 +229,13 @@ class NodeChain:
             )
         rows.append(f"{'':>3} {'total':<5} {'':<32} {'':<18} {'':>5} {self.params:>11,} {self.macs:>14,}")
         return "\n".join(rows)
+
+
+def _check_input_shape(x: torch.Tensor, shape: tuple[int, ...], message: str) -> None:
+    """The first operation of a block that uses sizes fixed at the chain's input size: another input shape would
+    silently get the wrong sizes."""
+    if tuple(x.shape[1:]) != shape:
+        raise RecompositionError(f"{message}, not {tuple(x.shape[1:])}")
 
 
 def _mutates_first_argument(node: fx.Node, root: nn.Module) -> bool:

@@ -15,6 +15,7 @@ from .errors import DissectionError, RecompositionError, UntraceableModelError
 from .nodes import describe_nodes
 from .plan import GRANULARITIES, plan
 from .probe import probe
+from .sizes import size_recipes
 from .trace import TracedModel, trace
 from .verify import relative_error
 
@@ -92,6 +93,7 @@ def dissect(
             _check_replay(model, example, facts.output, model_name)
         flow = analyse(traced.graph, facts.shapes)
         segments = plan(model, flow, facts, size, granularity, cut_names)
+        sizes = size_recipes(traced.root, flow, facts, segments, example, model_name)
         nodes = describe_nodes(traced.root, flow, facts, segments, size)
     finally:
         for module, training in modes.items():
@@ -107,6 +109,7 @@ def dissect(
         granularity="cuts" if cut_names is not None else granularity,
         method=traced.method,
         opaque=traced.opaque,
+        sizes=sizes,
     )
 
 

@@ -9,10 +9,13 @@ top-level forward itself fails, the error names where the data-dependent code li
 from __future__ import annotations
 
 import inspect
+import linecache
+import os
 import sys
 from collections import Counter
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
@@ -22,7 +25,11 @@ SCOPE = "reassembly_scope"
 """``node.meta`` key: tuple of ``(module_path, call_index)`` for the module calls enclosing the node, outermost first.
 For a ``call_module`` node the last entry is the called (leaf) module itself."""
 
+SOURCE = "reassembly_source"
+"""``node.meta`` key: ``file:line: code`` of the model code that made the node, for error messages (or None)."""
+
 Call = tuple[str, int]
+_NOT_MODEL_CODE = (os.path.dirname(torch.__file__), __file__)
 
 
 @dataclass
@@ -68,7 +75,20 @@ class _ScopedTracer(fx.Tracer):
     def create_node(self, *args, **kwargs):
         node = super().create_node(*args, **kwargs)
         node.meta[SCOPE] = tuple(self._stack)
+        node.meta[SOURCE] = _model_source_line()
         return node
+
+
+def _model_source_line() -> str | None:
+    """``file:line: code`` of the innermost caller outside torch and this module: the model code being traced.
+    (Much cheaper than fx's own ``record_stack_traces``, which formats the whole stack for every node.)"""
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code.co_filename.startswith(_NOT_MODEL_CODE):
+        frame = frame.f_back
+    if frame is None:
+        return None
+    code = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
+    return f"{frame.f_code.co_filename}:{frame.f_lineno}: {code}"
 
 
 def _timm_notrace() -> tuple[tuple[type, ...], tuple]:
