@@ -3,7 +3,8 @@
 The module-call scope is what turns a flat dataflow graph back into names a person recognises (``layer1.0``,
 ``blocks.3``) and what tells block boundaries apart from cuts inside a block. A trace failure is pinned on the
 innermost module whose ``forward`` could not be traced: that module's class is then kept whole, or, when the
-top-level forward itself fails, the error names where the data-dependent code lives.
+top-level forward itself fails, the error names where the data-dependent code lives. A second trace in training mode
+finds the code that reads ``self.training``, so that the blocks can follow the training mode.
 """
 
 from __future__ import annotations
@@ -149,7 +150,8 @@ def trace(model: nn.Module, model_name: str, strict: bool = False) -> TracedMode
     When the forward of a submodule cannot be traced (Python control flow on tensor values or shapes), modules of
     its class are kept whole, as single opaque operations, and tracing is retried; with ``strict`` the first failure
     raises instead. Raises :class:`UntraceableModelError` naming the innermost failing module when the top-level
-    forward itself cannot be traced, or under ``strict``."""
+    forward itself cannot be traced, or under ``strict``. The graph is that of eval mode, with training flags read at
+    run time (see :func:`_follow_training_mode`)."""
     leaves, functions = _timm_notrace()
     concrete = _specialise_extra_arguments(model, model_name)
     opaque_types: tuple[type, ...] = ()
