@@ -752,10 +752,13 @@ def test_an_illegal_cut_error_suggests_only_module_names_that_cuts_accepts():
     assert suggested == ["stem.0", "stem.1", "stem"]  # not `shared.relu` (its last call is in the skip), nor `add_2`
     for name in suggested:
         assert verify(dissect(model, (3, 16, 16), cuts=[name]), model, torch.randn(2, 3, 16, 16)) < 1e-5
+    resnet = _model("resnet")
     with pytest.raises(DissectionError) as caught:
-        dissect(_model("resnet"), (3, 32, 32), cuts=["layer1.0.conv1"])
+        dissect(resnet, (3, 32, 32), cuts=["layer1.0.conv1"])
     suggested = str(caught.value).split("modules a cut may follow: ")[1].split(", ")
-    assert suggested == ["conv1", "bn1", "relu", "layer1.0", "layer1", "layer2.0", "layer2", "avgpool"]
+    assert suggested == ["conv1", "bn1", "relu", "layer1.0", "layer1", "layer2.0", "layer2"]  # avgpool: the head
+    for name in suggested:
+        dissect(resnet, (3, 32, 32), cuts=[name])
 
 
 class TimmLikeViT(nn.Module):

@@ -408,7 +408,7 @@ def _named_cuts(context: _Context, names: list[str], head: int | None) -> list[i
             continue  # the model ends there anyway
         cut = flow.canonical_cut(last_seen[name])
         if cut is None:
-            usable = _usable_cut_names(flow, last_seen)
+            usable = _usable_cut_names(flow, last_seen, head)
             hint = f"modules a cut may follow: {', '.join(usable[:12])}" if usable else "no module ends at a legal cut"
             raise DissectionError(
                 f"cut after `{name}` is not legal: more than one tensor crosses it (a skip connection or a branch "
@@ -434,11 +434,14 @@ def _last_operations(flow: Dataflow) -> dict[str, int]:
     return last_seen
 
 
-def _usable_cut_names(flow: Dataflow, last_seen: dict[str, int]) -> list[str]:
-    """The module names ``cuts=`` accepts, one per legal cut (the outermost module ending there), in forward order."""
+def _usable_cut_names(flow: Dataflow, last_seen: dict[str, int], head: int | None) -> list[str]:
+    """The module names ``cuts=`` accepts, one per legal cut up to the head (the outermost module ending there), in
+    forward order."""
     by_cut: dict[int, str] = {}
     for path, position in last_seen.items():
         cut = flow.canonical_cut(position)
-        if cut is not None and (cut not in by_cut or path.count(".") < by_cut[cut].count(".")):
+        if cut is None or (head is not None and cut > head):
+            continue
+        if cut not in by_cut or path.count(".") < by_cut[cut].count("."):
             by_cut[cut] = path
     return [by_cut[cut] for cut in sorted(by_cut)]
