@@ -90,7 +90,7 @@ class NodeChain:
         self._flow = flow
         self._segments = segments
         self._sizes = sizes or {}  # how a block recomputes a size read from a shape before its input
-        self._blocks: dict[tuple[int, int], fx.GraphModule] = {}
+        self._blocks: dict[tuple[int, int], ChainBlock] = {}
 
     def __len__(self) -> int:
         return len(self.nodes)
