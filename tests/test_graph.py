@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -422,6 +423,7 @@ def test_resnet_nodes_are_residual_blocks(chains):
     layer2 = chain[3]
     assert (layer2.in_shape, layer2.out_shape) == ((8, 32, 32), (16, 16, 16))
     assert (layer2.in_channels, layer2.channels, layer2.in_reduction, layer2.reduction) == (8, 16, 1, 2)
+    assert (layer2.in_grid, layer2.grid, layer2.prefix_tokens) == ((32, 32), (16, 16), 0)
     assert layer2.params == sum(p.numel() for p in chains["resnet", "block"][0].layer2[0].parameters())
     conv_macs = 8 * 16 * 9 * 16 * 16 + 16 * 16 * 9 * 16 * 16 + 8 * 16 * 16 * 16  # conv1, conv2, shortcut
     assert layer2.macs == conv_macs
@@ -474,9 +476,12 @@ def test_vit_stem_owns_class_token_and_position_embedding(chains):
     assert {"patch_embed", "cls_token", "pos_embed"} <= set(stem.modules)
     assert stem.params == sum(p.numel() for p in model.patch_embed.parameters()) + 16 + 17 * 16
     assert stem.out_shape == (17, 16) and stem.format == "tokens" and stem.reduction == 8
-    assert [node.name for node in chain][1:3] == ["blocks.0", "blocks.1"]
-    assert "norm" in chain[3].modules  # the weightless final norm joins the last block
-    assert chain[-1].in_shape == (17, 16)
+    assert (stem.in_grid, stem.in_prefix_tokens, stem.grid, stem.prefix_tokens) == ((32, 32), 0, (4, 4), 1)
+    assert [node.name for node in chain][1:4] == ["blocks.0", "blocks.1", "blocks.2"]
+    assert chain[-1].name == "norm..head"  # the final norm feeds the token selection: it opens the head
+    assert (chain[-1].in_shape, chain[-1].in_grid, chain[-1].in_prefix_tokens) == ((17, 16), (4, 4), 1)
+    assert (chain[-1].grid, chain[-1].prefix_tokens) == (None, 0)
+    assert chain.to_dict()["nodes"][1]["grid"] == [4, 4]
 
 
 def test_shared_module_params_are_counted_once(chains):
@@ -658,3 +663,331 @@ def test_cuts_inside_an_untraceable_module_use_its_recorded_calls():
     assert chain.method == "module-calls"
     assert [node.name for node in chain][2:4] == ["blocks.1.first", "blocks.1.second"]
     assert verify(chain, model, torch.randn(2, 3, 16, 16)) < 1e-5
+
+
+class UpsamplingNet(nn.Module):
+    """A decoder-like step: the map is upsampled past the input resolution before the classifier pools it."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 8)
+        self.up = nn.Sequential(nn.Upsample(scale_factor=2), conv_bn(8, 8))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.up(self.stem(x))).flatten(1))
+
+
+def test_an_upsampled_map_is_a_feature_map_with_a_fractional_reduction():
+    model = _randomise_norms(UpsamplingNet())
+    chain = dissect(model, (3, 16, 16))
+    assert [node.name for node in chain] == ["stem..up.0", "up.1", "pool..fc"]  # the upsampling trails the stem
+    stem, up = chain[0], chain[1]
+    assert (stem.out_shape, stem.format, stem.reduction) == ((8, 32, 32), "nchw", 0.5)
+    assert (up.in_format, up.format, up.in_reduction, up.reduction, up.channels) == ("nchw", "nchw", 0.5, 0.5, 8)
+    assert verify(chain, model, torch.randn(2, 3, 16, 16)) < 1e-5
+
+
+class VarArgsNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, *inputs):
+        return self.fc(self.conv(inputs[0]).mean((2, 3)))
+
+
+def test_a_forward_taking_varargs_is_a_dissection_error():
+    with pytest.raises(DissectionError, match=r"VarArgsNet: forward takes no single input tensor.*\(\*inputs\)"):
+        dissect(VarArgsNet(), (3, 16, 16))
+
+
+class LogitsAndFeatures(ResNet):
+    """Returns the logits with the pooled features, as a tuple or as a dict."""
+
+    def __init__(self, as_dict: bool):
+        super().__init__()
+        self.as_dict = as_dict
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(self.relu(self.bn1(self.conv1(x)))))
+        features = torch.flatten(self.avgpool(x), 1)
+        if self.as_dict:
+            return {"logits": self.fc(features), "features": [features, features.sum(1)]}
+        return self.fc(features), features
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_verify_compares_tuple_and_dict_outputs_element_by_element(as_dict):
+    model = _randomise_norms(LogitsAndFeatures(as_dict))
+    chain = dissect(model, (3, 32, 32))
+    x = torch.randn(2, 3, 32, 32)
+    assert verify(chain, model, x) < 1e-5
+    model.fc = nn.Linear(16, 10)  # the chain still runs the old classifier
+    with pytest.raises(RecompositionError, match="relative error"):
+        verify(chain, model, x)
+
+
+class SharedSkipNet(nn.Module):
+    """A shared block whose second call ends while a skip connection is open: a cut after it is not legal."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 8)
+        self.shared = BasicBlock(8, 8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.shared(self.stem(x))
+        return self.fc((x + self.shared(x)).mean((2, 3)))
+
+
+def test_an_illegal_cut_error_suggests_only_module_names_that_cuts_accepts():
+    model = _randomise_norms(SharedSkipNet())
+    with pytest.raises(DissectionError, match="not legal") as caught:
+        dissect(model, (3, 16, 16), cuts=["shared"])
+    suggested = str(caught.value).split("modules a cut may follow: ")[1].split(", ")
+    assert suggested == ["stem.0", "stem.1", "stem"]  # not `shared.relu` (its last call is in the skip), nor `add_2`
+    for name in suggested:
+        assert verify(dissect(model, (3, 16, 16), cuts=[name]), model, torch.randn(2, 3, 16, 16)) < 1e-5
+    resnet = _model("resnet")
+    with pytest.raises(DissectionError) as caught:
+        dissect(resnet, (3, 32, 32), cuts=["layer1.0.conv1"])
+    suggested = str(caught.value).split("modules a cut may follow: ")[1].split(", ")
+    assert suggested == ["conv1", "bn1", "relu", "layer1.0", "layer1", "layer2.0", "layer2"]  # avgpool: the head
+    for name in suggested:
+        dissect(resnet, (3, 32, 32), cuts=[name])
+
+
+class TimmLikeViT(nn.Module):
+    """Laid out like timm's VisionTransformer: the features end in the final norm; the head pools the class token or
+    averages the patch tokens (dropping the class and register tokens), then applies fc_norm and the classifier."""
+
+    def __init__(self, global_pool: str, registers: int = 0, dim: int = 16, patch: int = 8, image: int = 32):
+        super().__init__()
+        self.global_pool = global_pool
+        self.num_prefix_tokens = 1 + registers
+        self.patch_embed = nn.Conv2d(3, dim, patch, patch)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.reg_token = nn.Parameter(torch.randn(1, registers, dim) * 0.02)
+        self.pos_embed = nn.Parameter(torch.randn(1, (image // patch) ** 2 + self.num_prefix_tokens, dim) * 0.02)
+        self.blocks = nn.Sequential(*[TransformerBlock(dim, 2) for _ in range(2)])
+        self.norm = nn.LayerNorm(dim)
+        self.fc_norm = nn.LayerNorm(dim) if global_pool == "avg" else nn.Identity()
+        self.head = nn.Linear(dim, 10)
+
+    def forward_features(self, x):
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        prefix = [self.cls_token.expand(x.shape[0], -1, -1), self.reg_token.expand(x.shape[0], -1, -1)]
+        x = torch.cat([*prefix, x], dim=1) + self.pos_embed
+        return self.norm(self.blocks(x))
+
+    def forward_head(self, x):
+        x = x[:, self.num_prefix_tokens :].mean(dim=1) if self.global_pool == "avg" else x[:, 0]
+        return self.head(self.fc_norm(x))
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+@pytest.mark.parametrize(("global_pool", "registers"), [("token", 0), ("avg", 4)])
+def test_token_nodes_record_their_grid_and_prefix_tokens_and_the_final_norm_opens_the_head(global_pool, registers):
+    model = TimmLikeViT(global_pool, registers).eval()
+    chain = dissect(model, (3, 32, 32))
+    assert [node.name for node in chain] == ["patch_embed..pos_embed", "blocks.0", "blocks.1", "norm..head"]
+    assert "fc_norm" in chain[-1].modules or global_pool == "token"
+    for node in chain.nodes[:3]:
+        assert (node.format, node.grid, node.prefix_tokens) == ("tokens", (4, 4), 1 + registers)
+    head = chain[-1]
+    assert (head.in_format, head.in_grid, head.in_prefix_tokens, head.format, head.grid) == (
+        "tokens", (4, 4), 1 + registers, "vector", None
+    )  # fmt: skip
+    assert verify(chain, model, torch.randn(2, 3, 32, 32)) < 1e-5
+
+
+class ConvNormHead(nn.Module):
+    """The last conv's batch norm feeds the pooling directly: it is the conv's own norm, not a final norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 8)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(self.bn(self.conv(self.stem(x))).mean((2, 3)))
+
+
+def test_a_conv_keeps_its_norm_when_the_norm_feeds_the_pooling():
+    chain = dissect(_randomise_norms(ConvNormHead()), (3, 16, 16))
+    assert [node.name for node in chain] == ["stem", "conv..bn", "fc"]
+
+
+def test_a_block_follows_the_model_training_mode():
+    model = _model("resnet")
+    chain = dissect(model, (3, 32, 32))
+    block = chain[1:3]  # layer1.0, layer1.1
+    assert not block.training
+    model.train()
+    assert block.training
+    model.eval()
+    assert not block.training
+    block.train()  # what model.train() does to layer1
+    assert block.training and model.layer1[0].training and model.layer1[1].bn2.training
+    assert not model.layer2[0].training and not model.training
+    block.eval()
+    assert not block.training and not model.layer1[0].training and not model.layer1[1].bn2.training
+
+
+class DropoutBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return x + F.dropout(F.relu(self.conv(x)), 0.5, self.training)
+
+
+class DropoutNet(nn.Module):
+    """Functional dropout that reads ``self.training``, inside blocks and in the top-level forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.Sequential(DropoutBlock(8), DropoutBlock(8))
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.blocks(self.stem(x)).mean((2, 3))
+        return self.fc(F.dropout(x, p=0.5, training=self.training))
+
+
+def _run_chain(chain: NodeChain, x: torch.Tensor) -> torch.Tensor:
+    for index in range(len(chain)):
+        x = chain[index : index + 1](x)
+    return x
+
+
+def test_traced_dropout_follows_the_training_mode():
+    model = DropoutNet().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every training-dependent call is followed: nothing to warn about
+        chain = dissect(model, (3, 16, 16))
+    assert [node.name for node in chain] == ["stem", "blocks.0", "blocks.1", "fc"]
+    x = torch.randn(2, 3, 16, 16)
+    assert verify(chain, model, x) < 1e-5
+    model.train()
+    torch.manual_seed(1)
+    expected = model(x)
+    torch.manual_seed(1)
+    assert torch.equal(_run_chain(chain, x), expected)  # the same dropout masks as the model's
+    model.eval()
+    assert not torch.allclose(expected, model(x))
+    block, value = chain[1:2], chain[0:1](x)
+    assert torch.equal(block(value), block(value))  # eval: deterministic
+    block.train()
+    assert not torch.equal(block(value), block(value))
+    assert model.blocks[0].training and not model.blocks[1].training
+
+
+class DropPath(nn.Module):
+    """Skips itself in eval mode: a traced graph keeps no operation of it."""
+
+    def forward(self, x):
+        if not self.training:
+            return x
+        keep = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < 0.9
+        return x * keep / 0.9
+
+
+class DropPathBlock(DropoutBlock):
+    def __init__(self, channels: int):
+        super().__init__(channels)
+        self.drop_path = DropPath()
+
+    def forward(self, x):
+        return x + self.drop_path(F.relu(self.conv(x)))
+
+
+def test_training_code_the_graph_cannot_follow_is_named_in_a_warning():
+    model = DropoutNet().eval()
+    model.blocks[1] = DropPathBlock(8)
+    with pytest.warns(UserWarning, match=r"DropoutNet: `blocks.1.drop_path` behave differently in training mode"):
+        chain = dissect(model, (3, 16, 16))
+    assert verify(chain, model, torch.randn(2, 3, 16, 16)) < 1e-5
+
+
+class EarlyBatchResNet(ResNet):
+    """Reads the batch size first and uses it before the classifier."""
+
+    def forward(self, x):
+        batch = x.shape[0]
+        x = self.layer2(self.layer1(self.relu(self.bn1(self.conv1(x)))))
+        return self.fc(self.avgpool(x).reshape(batch, -1))
+
+
+class GridBlock(nn.Module):
+    """A Swin-like block: tokens in and out, the grid size passed in to see them as a map."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.mix = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.fc = nn.Linear(dim, dim)
+
+    def forward(self, x, height, width):
+        batch, tokens, dim = x.shape
+        grid = self.norm(x).view(batch, height, width, dim).permute(0, 3, 1, 2)
+        return x + self.fc(self.mix(grid).permute(0, 2, 3, 1).reshape(batch, tokens, dim))
+
+
+class GridNet(nn.Module):
+    def __init__(self, dim: int = 16):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, dim, 4, 4)
+        self.blocks = nn.ModuleList([GridBlock(dim) for _ in range(3)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        x = self.patch_embed(x)
+        height, width = x.shape[2], x.shape[3]
+        x = x.flatten(2).transpose(1, 2)
+        for block in self.blocks:
+            x = block(x, height, width)
+        return self.head(self.norm(x).mean(1))
+
+
+class FoldedSizeNet(SharedNet):
+    """Reads a size from a tensor whose batch axis is folded into its rows, and uses it in the head."""
+
+    def forward(self, x):
+        x = self.stem(x)
+        rows = x.flatten(2).transpose(1, 2).reshape(-1, 8).shape[0]
+        x = self.shared(self.shared(x))
+        return self.fc(x.mean((2, 3))) * rows
+
+
+def test_sizes_read_from_shapes_are_recomputed_in_each_block():
+    model = _model("resnet")
+    model.__class__ = EarlyBatchResNet
+    chain = dissect(model, (3, 32, 32))
+    assert [node.name for node in chain] == [node.name for node in dissect(_model("resnet"), (3, 32, 32))]
+    assert chain[-1].kind == "head" and chain[-1].name == "avgpool..fc"
+    assert verify(chain, model, torch.randn(3, 3, 32, 32)) < 1e-5  # another batch size than the probe's
+
+    model = GridNet().eval()
+    chain = dissect(model, (3, 32, 32))
+    assert [node.name for node in chain] == ["patch_embed", "blocks.0", "blocks.1", "blocks.2", "norm..head"]
+    assert [node.kind for node in chain] == ["stem", "body", "body", "body", "head"]
+    assert verify(chain, model, torch.randn(3, 3, 32, 32)) < 1e-5
+    with pytest.raises(RecompositionError, match=r"block \[1:2\] takes sizes .* input must have shape \(64, 16\)"):
+        chain[1:2](torch.randn(2, 16, 16))  # the grid size (8, 8) holds for 32x32 images only
+
+
+def test_a_size_no_block_can_recompute_is_an_error_naming_it():
+    with pytest.raises(DissectionError, match=r"size `getitem` = 512 \(at .*test_graph.py:\d+: rows = x.flatten"):
+        dissect(_randomise_norms(FoldedSizeNet()), (3, 16, 16))

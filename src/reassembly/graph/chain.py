@@ -1,11 +1,13 @@
 """The node chain: atomic nodes with metadata, and runnable blocks cut out of the model's own graph.
 
 A block ``chain[i:j]`` is an ``fx.GraphModule`` holding *references* to the model's submodules and parameters, so
-training a block trains the model, and its ``state_dict`` keys are the model's own (``layer1.0.conv1.weight``).
+training a block trains the model, and its ``state_dict`` keys are the model's own (``layer1.0.conv1.weight``). Its
+training mode is the model's too (see :class:`ChainBlock`).
 """
 
 from __future__ import annotations
 
+import copy
 import operator
 from typing import Iterator
 
@@ -14,14 +16,44 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .cuts import Dataflow
+from .errors import RecompositionError
 from .nodes import NodeInfo, segment_nodes
 from .plan import Segment
+from .sizes import SizeRecipe
+from .trace import SCOPE
 
 _INPLACE_OPERATORS = {
     operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
     operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
     operator.ilshift, operator.irshift, operator.imatmul, operator.setitem,
 }  # fmt: skip
+
+
+class ChainBlock(fx.GraphModule):
+    """A run of chain nodes whose training mode is the model's.
+
+    The operations a block runs belong to the forwards of model modules (``owners``) that are not submodules of the
+    block, so the block's own flag would go stale: ``training`` reads the owners' flags (``model.train()`` puts the
+    block in training mode), and ``train()``/``eval()`` set them as well as those of the submodules the block calls,
+    as ``model.train()`` would for that part of the model. Traced code that passed ``self.training`` on reads the
+    owner's flag when the block runs (see :class:`~reassembly.graph.trace.TrainingFlag`)."""
+
+    owners: tuple[nn.Module, ...] = ()
+
+    @property
+    def training(self) -> bool:
+        return any(owner.training for owner in self.owners)
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        for owner in self.owners:  # none yet while nn.Module.__init__ sets the flag
+            owner.training = mode
+
+    def __deepcopy__(self, memo: dict) -> ChainBlock:
+        copied = super().__deepcopy__(memo)  # rebuilt from the graph: plain attributes are dropped
+        copied.node_names = list(self.node_names)
+        copied.owners = copy.deepcopy(self.owners, memo)  # the copies of the modules the copied block calls
+        return copied
 
 
 class NodeChain:
@@ -45,6 +77,7 @@ class NodeChain:
         granularity: str,
         method: str,
         opaque: tuple[str, ...] = (),
+        sizes: dict[fx.Node, SizeRecipe] | None = None,
     ):
         self.model = model
         self.name = name
@@ -56,7 +89,8 @@ class NodeChain:
         self._root = root
         self._flow = flow
         self._segments = segments
-        self._blocks: dict[tuple[int, int], fx.GraphModule] = {}
+        self._sizes = sizes or {}  # how a block recomputes a size read from a shape before its input
+        self._blocks: dict[tuple[int, int], ChainBlock] = {}
 
     def __len__(self) -> int:
         return len(self.nodes)
@@ -64,7 +98,7 @@ class NodeChain:
     def __iter__(self) -> Iterator[NodeInfo]:
         return iter(self.nodes)
 
-    def __getitem__(self, key: int | slice) -> NodeInfo | fx.GraphModule:
+    def __getitem__(self, key: int | slice) -> NodeInfo | ChainBlock:
         if isinstance(key, slice):
             start, stop, step = key.indices(len(self))
             if step != 1:
@@ -90,7 +124,7 @@ class NodeChain:
                 return node.index
         raise KeyError(f"{self.name} has no node named {name!r}; nodes: {[node.name for node in self.nodes]}")
 
-    def block(self, start: int, stop: int) -> fx.GraphModule:
+    def block(self, start: int, stop: int) -> ChainBlock:
         """An ``nn.Module`` running nodes ``start .. stop-1`` (sharing the model's parameters; built once)."""
         if not 0 <= start < stop <= len(self):
             raise IndexError(f"block [{start}:{stop}] is empty or outside the chain of {len(self)} nodes")
@@ -98,29 +132,66 @@ class NodeChain:
             self._blocks[start, stop] = self._build_block(start, stop)
         return self._blocks[start, stop]
 
-    def _build_block(self, start: int, stop: int) -> fx.GraphModule:
+    def _build_block(self, start: int, stop: int) -> ChainBlock:
         flow = self._flow
         graph = fx.Graph()
         entry = graph.placeholder("x")
-        env: dict[fx.Node, fx.Node] = {flow.value_after(self._segments[start].start): entry}
+        env: dict[fx.Node, object] = {flow.value_after(self._segments[start].start): entry}
+        fixed: list[str] = []  # sizes taken as constants: they hold at the input size of the dissection only
 
-        def lookup(node: fx.Node) -> fx.Node:
-            if node not in env:  # parameters and constants are recomputed wherever they are needed
-                if node not in flow.constants:
+        def lookup(node: fx.Node) -> object:
+            if node not in env:  # parameters, constants and sizes are recomputed wherever they are needed
+                if node in self._sizes:
+                    env[node] = recompute(node)
+                elif node in flow.constants:
+                    env[node] = graph.node_copy(node, lookup)
+                else:
                     raise AssertionError(f"node {node.name} crosses a cut that was deemed legal")
-                env[node] = graph.node_copy(node, lookup)
             return env[node]
+
+        def recompute(node: fx.Node) -> object:
+            recipe = self._sizes[node]
+            if recipe.how == "batch":
+                return graph.call_method("size", (entry, 0))
+            if recipe.how == "constant":
+                fixed.append(node.name)
+                return recipe.value
+            return graph.node_copy(node, lookup)
 
         for segment in self._segments[start:stop]:
             for node in segment_nodes(flow, segment):
-                env[node] = graph.node_copy(node, lookup)
+                unread = [arg for arg in node.all_input_nodes if arg in flow.position and arg not in env]
+                if node in flow.sizes and any(arg not in flow.sizes for arg in unread):
+                    env[node] = recompute(node)  # reads the shape of a tensor that stayed in an earlier block
+                else:
+                    env[node] = graph.node_copy(node, lookup)
         result = flow.value_after(self._segments[stop - 1].end)
         graph.output(fx.map_arg(result, lookup))
         _protect_input(graph, entry, self._root)
-        names = [node.name for node in self.nodes[start:stop]]
-        block = fx.GraphModule(self._root, graph, class_name="ChainBlock")
-        block.node_names = names
+        if fixed:
+            shape = self.nodes[start].in_shape
+            message = (
+                f"{self.name}: block [{start}:{stop}] takes sizes its model read from tensor shapes "
+                f"({', '.join(fixed)}) as fixed by the input size {self.input_size}, so its input must have shape "
+                f"{shape} (without batch)"
+            )
+            with graph.inserting_after(entry):
+                graph.call_function(_check_input_shape, (entry, shape, message))
+        block = ChainBlock(self._root, graph, class_name="ChainBlock")
+        block.node_names = [node.name for node in self.nodes[start:stop]]
+        block.owners = self._owners(self._segments[start:stop])
         return block
+
+    def _owners(self, segments: list[Segment]) -> tuple[nn.Module, ...]:
+        """The model modules whose forward code makes the operations of ``segments`` (the model itself for top-level
+        operations); a called leaf module is not its own owner but a submodule of the block."""
+        paths: dict[str, None] = {}
+        for segment in segments:
+            for node in segment_nodes(self._flow, segment):
+                calls = node.meta.get(SCOPE, ())
+                calls = calls[:-1] if node.op == "call_module" else calls
+                paths[calls[-1][0] if calls else ""] = None
+        return tuple(self.model.get_submodule(path) for path in paths)
 
     def split(self, boundaries: list[int]) -> nn.ModuleList:
         """Consecutive blocks ``[0:b1], [b1:b2], ..., [bk:len]`` for node indices ``boundaries``."""
@@ -158,6 +229,13 @@ class NodeChain:
             )
         rows.append(f"{'':>3} {'total':<5} {'':<32} {'':<18} {'':>5} {self.params:>11,} {self.macs:>14,}")
         return "\n".join(rows)
+
+
+def _check_input_shape(x: torch.Tensor, shape: tuple[int, ...], message: str) -> None:
+    """The first operation of a block that uses sizes fixed at the chain's input size: another input shape would
+    silently get the wrong sizes."""
+    if tuple(x.shape[1:]) != shape:
+        raise RecompositionError(f"{message}, not {tuple(x.shape[1:])}")
 
 
 def _mutates_first_argument(node: fx.Node, root: nn.Module) -> bool:

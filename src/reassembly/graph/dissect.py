@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -14,6 +15,7 @@ from .errors import DissectionError, RecompositionError, UntraceableModelError
 from .nodes import describe_nodes
 from .plan import GRANULARITIES, plan
 from .probe import probe
+from .sizes import size_recipes
 from .trace import TracedModel, trace
 from .verify import relative_error
 
@@ -81,6 +83,8 @@ def dissect(
     try:
         example = _example(model, size)
         traced = _graph_of(model, example, cut_names, model_name, strict)
+        if traced.frozen:
+            _warn_frozen(model_name, traced.frozen)
         try:
             facts = probe(traced.root, traced.graph, example)
         except Exception as error:
@@ -89,6 +93,7 @@ def dissect(
             _check_replay(model, example, facts.output, model_name)
         flow = analyse(traced.graph, facts.shapes)
         segments = plan(model, flow, facts, size, granularity, cut_names)
+        sizes = size_recipes(traced.root, flow, facts, segments, example, model_name)
         nodes = describe_nodes(traced.root, flow, facts, segments, size)
     finally:
         for module, training in modes.items():
@@ -104,6 +109,18 @@ def dissect(
         granularity="cuts" if cut_names is not None else granularity,
         method=traced.method,
         opaque=traced.opaque,
+        sizes=sizes,
+    )
+
+
+def _warn_frozen(model_name: str, paths: tuple[str, ...]) -> None:
+    names = [f"`{path}`" if path else "the top-level forward" for path in paths]
+    listed = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    warnings.warn(
+        f"{model_name}: {listed} behave differently in training mode in a way the traced graph cannot follow (e.g. "
+        "a drop path that skips itself in eval mode); the blocks run that code as in eval mode whatever their "
+        "training flag, which is fine for evaluation and for training without it",
+        stacklevel=3,
     )
 
 

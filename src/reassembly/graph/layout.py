@@ -16,11 +16,15 @@ MAX_PREFIX_TOKENS = 16  # class / distillation / register tokens that ride along
 @dataclass(frozen=True)
 class Layout:
     """``format`` is one of nchw, nhwc, tokens (B, N, D), vector (B, D) or other; ``reduction`` is the input height
-    over the feature height (patch size for tokens), None where there is no grid."""
+    over the feature height (patch size for tokens; below 1 for an upsampled map), None where there is no grid.
+    ``grid`` is the (height, width) of the feature map or of the patch-token grid, None where there is no grid;
+    ``prefix_tokens`` counts the tokens ahead of the grid (class, distillation, register tokens), 0 for maps."""
 
     format: str
     channels: int | None
     reduction: float | None
+    grid: tuple[int, int] | None = None
+    prefix_tokens: int = 0
 
 
 def _ratio(image_side: int, feature_side: int) -> float:
@@ -33,8 +37,9 @@ def _clean(reduction: float) -> float | int:
 
 
 def _grid_reduction(height: int, width: int, rows: int, cols: int) -> float | None:
-    """Reduction when (rows, cols) is a plausible feature grid of a (height, width) image, else None."""
-    if rows < 1 or cols < 1 or rows > height or cols > width:
+    """Reduction when (rows, cols) is a plausible feature grid of a (height, width) image, else None. A grid finer
+    than the image (an upsampled map, as in a decoder) has a reduction below 1."""
+    if rows < 1 or cols < 1:
         return None
     by_rows, by_cols = _ratio(height, rows), _ratio(width, cols)
     if abs(by_rows - by_cols) > 0.15 * max(by_rows, by_cols):
@@ -64,14 +69,15 @@ def describe(shape: tuple[int, ...] | None, input_size: tuple[int, ...]) -> Layo
     if len(shape) == 3:
         nchw = _grid_reduction(height, width, shape[1], shape[2])
         if nchw is not None:
-            return Layout("nchw", shape[0], nchw)
+            return Layout("nchw", shape[0], nchw, (shape[1], shape[2]))
         nhwc = _grid_reduction(height, width, shape[0], shape[1])
         if nhwc is not None:
-            return Layout("nhwc", shape[2], nhwc)
+            return Layout("nhwc", shape[2], nhwc, (shape[0], shape[1]))
     if len(shape) == 2:
-        tokens = _token_reduction(height, width, shape[0])
-        if tokens is not None:
-            return Layout("tokens", shape[1], tokens)
+        patch = _token_reduction(height, width, shape[0])
+        if patch is not None:
+            grid = (height // patch, width // patch)
+            return Layout("tokens", shape[1], patch, grid, shape[0] - grid[0] * grid[1])
     return Layout("other", None, None)
 
 

@@ -21,7 +21,10 @@ from .trace import SCOPE
 @dataclass(frozen=True)
 class NodeInfo:
     """One atomic node of a chain. Shapes exclude the batch dimension; ``macs`` are multiply-accumulates per sample
-    (conv, linear, matmul, attention); ``reduction`` is input height over feature height (patch size for tokens)."""
+    (conv, linear, matmul, attention); ``reduction`` is input height over feature height (patch size for tokens).
+    ``grid`` is the (height, width) of the output map or patch-token grid and ``prefix_tokens`` the number of tokens
+    ahead of that grid (class tokens; 0 for maps): what stitching needs to turn tokens into a map and back. The
+    ``in_`` fields describe the input side the same way."""
 
     index: int
     name: str
@@ -35,12 +38,16 @@ class NodeInfo:
     channels: int | None
     in_reduction: float | None
     reduction: float | None
+    in_grid: tuple[int, int] | None
+    grid: tuple[int, int] | None
+    in_prefix_tokens: int
+    prefix_tokens: int
     params: int
     macs: int
 
     def to_dict(self) -> dict:
         record = asdict(self)
-        for key in ("modules", "in_shape", "out_shape"):
+        for key in ("modules", "in_shape", "out_shape", "in_grid", "grid"):
             record[key] = None if record[key] is None else list(record[key])
         return record
 
@@ -159,6 +166,10 @@ def describe_nodes(
                 channels=target.channels,
                 in_reduction=source.reduction,
                 reduction=target.reduction,
+                in_grid=source.grid,
+                grid=target.grid,
+                in_prefix_tokens=source.prefix_tokens,
+                prefix_tokens=target.prefix_tokens,
                 params=params,
                 macs=flops // (2 * batch),
             )

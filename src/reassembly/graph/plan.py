@@ -1,24 +1,27 @@
 """Which legal cuts become node boundaries: the stem, body and head of a chain at a chosen granularity.
 
 * **head**: from the global pooling / token selection on, i.e. after the legal cut whose tensor is consumed, for the
-  last time, by an operation that removes its grid or token axis.
+  last time, by an operation that removes its grid or token axis; a final norm that feeds it (a ViT's LayerNorm)
+  and a slice dropping the prefix tokens before averaging open the head too.
 * **block** (default): one body node per call of a *block-like* module: a traced-through module in a container
   whose children are all traced-through modules (``layer1.0``, ``blocks.3``, ``features.5``), the outermost such
   call unless it is a bare container or a stage holding a row of residual blocks (``stages.1`` opens into
   ``stages.1.blocks.0``...). Elsewhere (plain chains like VGG, blocks whose parent is no container such as RegNet
   stages) one node per weighted layer with its norm, activation and pooling, or per run of operations with no legal
-  cut inside (a residual block); a custom module's own layers stay together. Weightless nodes (a final norm) join
-  their neighbour. The **stem** is the first node.
+  cut inside (a residual block); a custom module's own layers stay together. Weightless nodes (a DenseNet's last
+  norm and activation) join their neighbour. The **stem** is the first node.
 * **stage**: block nodes grouped where the spatial reduction changes (a node that reduces first and then computes
   opens a stage; one that computes and then pools closes it).
 * **fine**: every legal cut in the body.
-* **cuts by module name**: a boundary after the last operation of each named module.
+* **cuts by module name**: a boundary after the last operation of each named module, and the head cut (a named cut
+  cannot split the head).
 """
 
 from __future__ import annotations
 
 import bisect
 import math
+import operator
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,6 +51,14 @@ _POOL_FUNCTIONS = {
     torch.mean, torch.amax, torch.max, torch.sum,
 }  # fmt: skip
 _POOL_METHODS = {"mean", "amax", "max", "sum"}
+_NORM_MODULES = tuple(
+    getattr(nn, name)
+    for name in (
+        "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "InstanceNorm1d", "InstanceNorm2d",
+        "InstanceNorm3d", "LayerNorm", "GroupNorm", "RMSNorm",
+    )
+    if hasattr(nn, name)  # RMSNorm is newer than the oldest supported torch
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -87,7 +98,8 @@ def plan(
     context = _Context(model, flow, probe, input_size, flops)
     head = _head_cut(context)
     if cut_names is not None:
-        return _label(_named_cuts(context, cut_names), head, len(flow.order) - 1)
+        cuts = _named_cuts(context, cut_names, head)
+        return _label(cuts if head is None or head in cuts else sorted([*cuts, head]), head, len(flow.order) - 1)
     blocks = _merge_weightless(context, _block_cuts(context, head), head)
     if granularity == "block":
         return _label(blocks, head, len(flow.order) - 1)
@@ -129,7 +141,8 @@ def _is_pooling(node: fx.Node, model: nn.Module) -> bool:
 
 
 def _head_cut(context: _Context) -> int | None:
-    """The legal cut before the first operation that removes the grid/token axis of the whole state, if any."""
+    """The legal cut before the first operation that removes the grid/token axis of the whole state, if any, or
+    earlier where a final norm feeds that operation (see :func:`_head_start`)."""
     flow, shapes = context.flow, context.probe.shapes
     batch = shapes[flow.order[0]][0]
     for node in flow.order[1:]:
@@ -147,8 +160,63 @@ def _head_cut(context: _Context) -> int | None:
         out = out_shape[1:]
         pooled = _is_pooling(node, context.model) and grid_cells(out, describe(out, context.input_size)) == 1
         if len(out) == 1 or pooled:
-            return cut
+            return _head_start(context, cut)
     return None
+
+
+def _head_start(context: _Context, cut: int) -> int:
+    """Where the head begins, given the legal cut before the pooling or token selection: earlier, over a slice that
+    drops prefix tokens before averaging (``x[:, 1:].mean(1)``) and over a final norm that feeds these (a ViT's,
+    Swin's or Mixer's LayerNorm), so that they go to the head rather than into the last block."""
+    flow = context.flow
+    while (index := bisect.bisect_left(flow.cuts, cut)) > 0:
+        before = flow.cuts[index - 1]
+        span = flow.order[before + 1 : cut + 1]
+        if _drops_prefix_tokens(context, span):
+            cut = before
+        elif _is_final_norm(context, flow.order[before], span):
+            return before
+        else:
+            break
+    return cut
+
+
+def _drops_prefix_tokens(context: _Context, span: list[fx.Node]) -> bool:
+    shapes = context.probe.shapes
+    if len(span) != 1 or span[0].op != "call_function" or span[0].target is not operator.getitem:
+        return False
+    source, out = shapes.get(span[0].args[0]), shapes.get(span[0])
+    if source is None or out is None:
+        return False
+    before, after = describe(source[1:], context.input_size), describe(out[1:], context.input_size)
+    return before.format == after.format == "tokens" and before.grid == after.grid and after.prefix_tokens == 0
+
+
+def _is_final_norm(context: _Context, producer: fx.Node, span: list[fx.Node]) -> bool:
+    """Whether ``span`` is one call of a norm module that is not part of the layer before it (``producer``): a norm
+    whose module call encloses that layer (conv and norm in one Sequential, or both at the top level) is its own."""
+    enclosing = _common_prefix([node.meta.get(SCOPE, ()) for node in span])
+    norm = next((depth for depth, (path, _) in enumerate(enclosing) if _is_norm(context.model, path)), None)
+    if norm is None:
+        return False
+    calls = producer.meta.get(SCOPE, ())
+    owners = calls[:-1] if producer.op == "call_module" else calls  # the module calls whose forward made the tensor
+    return bool(owners) and owners[-1] not in enclosing[:norm]
+
+
+def _is_norm(model: nn.Module, path: str) -> bool:
+    return isinstance(model.get_submodule(path), _NORM_MODULES)
+
+
+def _common_prefix(scopes: list[tuple[Call, ...]]) -> tuple[Call, ...]:
+    """The module calls that enclose every one of ``scopes``, outermost first."""
+    prefix = scopes[0]
+    for scope in scopes[1:]:
+        depth = 0
+        while depth < min(len(prefix), len(scope)) and prefix[depth] == scope[depth]:
+            depth += 1
+        prefix = prefix[:depth]
+    return prefix
 
 
 def _block_like_paths(model: nn.Module, flow: Dataflow) -> set[str]:
@@ -325,12 +393,10 @@ def _reduction_change(context: _Context, start: int, end: int) -> int | None:
     return None
 
 
-def _named_cuts(context: _Context, names: list[str]) -> list[int]:
+def _named_cuts(context: _Context, names: list[str], head: int | None) -> list[int]:
+    """The cuts after the last operation of each named module; none may fall inside the head, which stays one node."""
     flow = context.flow
-    last_seen: dict[str, int] = {}
-    for position, node in enumerate(flow.order):
-        for path, _ in node.meta.get(SCOPE, ()):
-            last_seen[path] = position
+    last_seen = _last_operations(flow)
     cuts = set()
     for name in names:
         if name not in last_seen:
@@ -342,18 +408,40 @@ def _named_cuts(context: _Context, names: list[str]) -> list[int]:
             continue  # the model ends there anyway
         cut = flow.canonical_cut(last_seen[name])
         if cut is None:
+            usable = _usable_cut_names(flow, last_seen, head)
+            hint = f"modules a cut may follow: {', '.join(usable[:12])}" if usable else "no module ends at a legal cut"
             raise DissectionError(
                 f"cut after `{name}` is not legal: more than one tensor crosses it (a skip connection or a branch "
-                f"spans it). Legal cuts follow: {', '.join(_cut_names(flow)[:12])}"
+                f"spans it); {hint}"
+            )
+        if head is not None and cut > head:
+            start = flow.order[head + 1]
+            where = start.meta[SCOPE][-1][0] if start.meta.get(SCOPE) else start.name
+            raise DissectionError(
+                f"cut after `{name}` falls inside the head, which starts at `{where}` (global pooling or token "
+                "selection and what follows) and stays one node; name a module before it"
             )
         cuts.add(cut)
     return sorted(cuts)
 
 
-def _cut_names(flow: Dataflow) -> list[str]:
-    """Readable names for the legal cuts: the innermost module that produced the crossing tensor."""
-    names = []
-    for position in flow.cuts:
-        scope = flow.order[position].meta.get(SCOPE, ())
-        names.append(scope[-1][0] if scope else flow.order[position].name)
-    return list(dict.fromkeys(names))
+def _last_operations(flow: Dataflow) -> dict[str, int]:
+    """For every module called in the forward, the position of its last operation (a cut by name goes there)."""
+    last_seen: dict[str, int] = {}
+    for position, node in enumerate(flow.order):
+        for path, _ in node.meta.get(SCOPE, ()):
+            last_seen[path] = position
+    return last_seen
+
+
+def _usable_cut_names(flow: Dataflow, last_seen: dict[str, int], head: int | None) -> list[str]:
+    """The module names ``cuts=`` accepts, one per legal cut up to the head (the outermost module ending there), in
+    forward order."""
+    by_cut: dict[int, str] = {}
+    for path, position in last_seen.items():
+        cut = flow.canonical_cut(position)
+        if cut is None or (head is not None and cut > head):
+            continue
+        if cut not in by_cut or path.count(".") < by_cut[cut].count("."):
+            by_cut[cut] = path
+    return [by_cut[cut] for cut in sorted(by_cut)]

@@ -19,8 +19,10 @@ def relative_error(result: torch.Tensor, reference: torch.Tensor) -> float:
 def verify(chain: NodeChain, model: nn.Module, x: torch.Tensor, *, tolerance: float = 1e-5) -> float:
     """Run every node of ``chain`` in turn on ``x`` and compare with ``model(x)``, both in eval mode.
 
-    Raises :class:`RecompositionError` naming the first node whose input or output shape differs from the record,
-    or giving the relative error when it exceeds ``tolerance``; returns the relative error otherwise."""
+    Outputs that are tuples, lists or dicts are compared element by element (tensors to ``tolerance``, other values
+    exactly); the largest relative error counts. Raises :class:`RecompositionError` naming the first node whose input
+    or output shape differs from the record, or giving the relative error when it exceeds ``tolerance``; returns the
+    relative error otherwise."""
     modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
@@ -34,15 +36,7 @@ def verify(chain: NodeChain, model: nn.Module, x: torch.Tensor, *, tolerance: fl
     finally:
         for module, training in modes.items():
             module.training = training
-    if not isinstance(reference, torch.Tensor) or not isinstance(value, torch.Tensor):
-        raise RecompositionError(
-            f"{chain.name}: verification compares tensor outputs; the model returns {type(reference).__name__}"
-        )
-    if value.shape != reference.shape:
-        raise RecompositionError(
-            f"{chain.name}: the chain returns shape {tuple(value.shape)}, the model {tuple(reference.shape)}"
-        )
-    error = relative_error(value, reference)
+    error = _difference(chain, value, reference, "output")
     if not error < tolerance:
         raise RecompositionError(
             f"{chain.name}: running the {len(chain)} blocks in order differs from the model by relative error "
@@ -50,6 +44,32 @@ def verify(chain: NodeChain, model: nn.Module, x: torch.Tensor, *, tolerance: fl
             "the cuts"
         )
     return error
+
+
+def _difference(chain: NodeChain, value, reference, where: str) -> float:
+    """The largest relative error between the tensors of ``value`` and ``reference``, which must share their structure
+    (tuples, lists, dicts) and their other values; ``where`` locates the element in errors (``output[1]['logits']``)."""
+    if isinstance(reference, torch.Tensor):
+        if not isinstance(value, torch.Tensor):
+            kind = type(value).__name__
+            raise RecompositionError(f"{chain.name}: the chain returns {kind} at {where}, the model a tensor")
+        if value.shape != reference.shape:
+            raise RecompositionError(
+                f"{chain.name}: the chain returns shape {tuple(value.shape)} at {where}, "
+                f"the model {tuple(reference.shape)}"
+            )
+        return relative_error(value, reference)
+    if isinstance(reference, (tuple, list)) and type(value) is type(reference) and len(value) == len(reference):
+        pairs = [(f"{where}[{index}]", v, r) for index, (v, r) in enumerate(zip(value, reference))]
+    elif isinstance(reference, dict) and isinstance(value, dict) and list(value) == list(reference):
+        pairs = [(f"{where}[{key!r}]", value[key], reference[key]) for key in reference]
+    elif type(value) is type(reference) and value == reference:
+        return 0.0
+    else:
+        raise RecompositionError(
+            f"{chain.name}: the chain returns {value!r:.80} at {where}, the model {reference!r:.80}"
+        )
+    return max((_difference(chain, v, r, path) for path, v, r in pairs), default=0.0)
 
 
 def _check_shape(chain: NodeChain, name: str, side: str, recorded, value) -> None:
