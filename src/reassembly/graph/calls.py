@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .errors import DissectionError
+from .errors import DissectionError, first_line
 from .trace import SCOPE, TracedModel
 
 
@@ -65,7 +65,8 @@ def _record(model: nn.Module, example: torch.Tensor, expanded: set[str], model_n
         with torch.no_grad():
             model(example)
     except Exception as error:
-        raise DissectionError(f"{model_name} fails on an input of size {tuple(example.shape[1:])}: {error}") from error
+        size = tuple(example.shape[1:])
+        raise DissectionError(f"{model_name} fails on an input of size {size}: {first_line(error)}") from error
     finally:
         for handle in handles:
             handle.remove()

@@ -11,7 +11,7 @@ import torch.nn as nn
 from .calls import record_calls
 from .chain import NodeChain
 from .cuts import analyse
-from .errors import DissectionError, RecompositionError, UntraceableModelError
+from .errors import DissectionError, RecompositionError, UntraceableModelError, first_line
 from .nodes import describe_nodes
 from .plan import GRANULARITIES, plan
 from .probe import probe
@@ -88,7 +88,7 @@ def dissect(
         try:
             facts = probe(traced.root, traced.graph, example)
         except Exception as error:
-            raise DissectionError(f"{model_name} fails on an input of size {size}: {error}") from error
+            raise DissectionError(f"{model_name} fails on an input of size {size}: {first_line(error)}") from error
         if traced.method == "module-calls":
             _check_replay(model, example, facts.output, model_name)
         flow = analyse(traced.graph, facts.shapes)

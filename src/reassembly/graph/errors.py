@@ -19,3 +19,8 @@ class UntraceableModelError(DissectionError):
 
 class RecompositionError(DissectionError):
     """Running the chain's blocks in order does not reproduce the model, or a block's shapes differ from the record."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (torch.fx appends the failing graph node and advice below it)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]

@@ -58,21 +58,11 @@ def _check_token_pool(chain: NodeChain, points: list[int], token_pool: str) -> N
     if token_pool != "cls":
         return
     for point in points:
-        if point_format(chain, point) == "tokens" and _prefix_tokens(chain, point) < 1:
+        prefix = chain[0].in_prefix_tokens if point == 0 else chain[point - 1].prefix_tokens
+        if point_format(chain, point) == "tokens" and prefix < 1:
             raise DissectionError(
                 f"{chain.name}: point {point} is a token sequence without a class token; pool it with 'mean'"
             )
-
-
-def _prefix_tokens(chain: NodeChain, point: int) -> int:
-    """Tokens ahead of the patch grid (class, distillation tokens) at a token-shaped point."""
-    node = chain[point - 1] if point else chain[0]
-    if point and hasattr(node, "prefix_tokens"):
-        return node.prefix_tokens
-    shape = node.out_shape if point else node.in_shape
-    reduction = node.reduction if point else node.in_reduction
-    _, height, width = chain.input_size
-    return shape[0] - (height // int(reduction)) * (width // int(reduction))
 
 
 def tap(

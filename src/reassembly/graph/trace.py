@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .errors import DissectionError, UntraceableModelError
+from .errors import DissectionError, UntraceableModelError, first_line
 
 SCOPE = "reassembly_scope"
 """``node.meta`` key: tuple of ``(module_path, call_index)`` for the module calls enclosing the node, outermost first.
@@ -269,7 +269,7 @@ def _read_training_flag(model: nn.Module, root: fx.GraphModule, node: fx.Node, k
 def _untraceable(model: nn.Module, model_name: str, error: Exception) -> UntraceableModelError:
     path = getattr(error, "reassembly_module_path", "")
     where = f"module `{path}` ({type(model.get_submodule(path)).__name__})" if path else "the top-level forward"
-    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    reason = first_line(error)
     example = ", ".join(f'"{name}"' for name, _ in list(model.named_children())[:3]) or '"features"'
     return UntraceableModelError(
         f"torch.fx cannot trace {where} of {model_name}: {reason}. Pass the cut points by module name instead, "
