@@ -99,13 +99,12 @@ def _indicator(widths: Sequence[int]) -> torch.Tensor:
 
 
 def _u_centre(gram: torch.Tensor) -> torch.Tensor:
-    """Centre a batch of Gram matrices (P, n, n) so that their inner product is n(n-3) x unbiased HSIC."""
+    """Centre a batch of Gram matrices (P, n, n) in place so that their inner product is n(n-3) x unbiased HSIC."""
     n = gram.shape[-1]
-    gram = gram.clone()  # the caller's Gram matrices are kept for the biased estimate
     gram.diagonal(dim1=-2, dim2=-1).zero_()
     means = gram.sum(-1) / (n - 2)
-    means = means - means.sum(-1, keepdim=True) / (2 * (n - 1))
-    gram = gram - means[..., :, None] - means[..., None, :]
+    means -= means.sum(-1, keepdim=True) / (2 * (n - 1))
+    gram.sub_(means[..., :, None]).sub_(means[..., None, :])
     gram.diagonal(dim1=-2, dim2=-1).zero_()
     return gram
 
@@ -209,11 +208,11 @@ class StreamingCKA:
             offsets, n = self._offsets[view], z.shape[0]
             z = z - z.mean(0)  # the Gram of centred features is H K H; U-centring gives the same for K and H K H
             grams = torch.stack([z[:, s:e] @ z[:, s:e].T for s, e in zip(offsets[:-1], offsets[1:])])
-            biased = grams.reshape(len(grams), -1) / (n - 1)
-            unbiased = _u_centre(grams).reshape(len(grams), -1) / np.sqrt(n * (n - 3))
+            unbiased = _u_centre(grams.clone()).reshape(len(grams), -1).mul_(1 / np.sqrt(n * (n - 3)))
+            biased = grams.reshape(len(grams), -1).mul_(1 / (n - 1))  # the Gram matrices are not needed after this
             centred[view] = (unbiased, biased)
-            self._add(f"{view}/self_debiased", (unbiased * unbiased).sum(1))
-            self._add(f"{view}/self_biased", (biased * biased).sum(1))
+            self._add(f"{view}/self_debiased", torch.linalg.vector_norm(unbiased, dim=1) ** 2)
+            self._add(f"{view}/self_biased", torch.linalg.vector_norm(biased, dim=1) ** 2)
             self._add(f"{view}/sqnorm", (stacked[view] * stacked[view]).sum(0) @ self._indicators[view])
             self._add(f"{view}/centred", (z * z).sum(0) @ self._indicators[view])
         for a, b in self.pairs:
