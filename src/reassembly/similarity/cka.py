@@ -136,6 +136,7 @@ class StreamingCKA:
         self._offsets = {view: np.concatenate([[0], np.cumsum(w)]) for view, w in self.widths.items()}
         self._state: dict[str, np.ndarray] = {"n": np.zeros(1), "batches": np.zeros(1)}
         self._shift = {view: torch.zeros(sum(w), dtype=torch.float64) for view, w in self.widths.items()}
+        self._scratch: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if reference is not None:
             stacked, _ = self._stack(reference)
             self._shift = {view: z.mean(0) for view, z in stacked.items()}
@@ -202,14 +203,27 @@ class StreamingCKA:
             self._add(f"{a}|{b}/b_by_norma", stacked[b].T @ norms[a])
             self._add(f"{a}|{b}/norms", norms[a].T @ norms[b])
 
+    def _buffers(self, view: str, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two (points, batch, batch) float64 buffers kept across batches: allocating and freeing tens of MB per
+        batch makes the allocator hand memory back to the system and fault it in again, which also slows the forward
+        passes running between updates (measured in benchmarks/bench_similarity.py)."""
+        shape = (len(self.widths[view]), batch, batch)
+        buffers = self._scratch.get(view)
+        if buffers is None or buffers[0].shape != shape:
+            buffers = self._scratch[view] = (torch.empty(shape, dtype=torch.float64),
+                                             torch.empty(shape, dtype=torch.float64))
+        return buffers
+
     def _update_minibatch(self, stacked: dict[str, torch.Tensor]) -> None:
         centred = {}
         for view, z in stacked.items():
             offsets, n = self._offsets[view], z.shape[0]
             z = z - z.mean(0)  # the Gram of centred features is H K H; U-centring gives the same for K and H K H
-            grams = torch.stack([z[:, s:e] @ z[:, s:e].T for s, e in zip(offsets[:-1], offsets[1:])])
-            unbiased = _u_centre(grams.clone()).reshape(len(grams), -1).mul_(1 / np.sqrt(n * (n - 3)))
-            biased = grams.reshape(len(grams), -1).mul_(1 / (n - 1))  # the Gram matrices are not needed after this
+            grams, unbiased = self._buffers(view, n)
+            for point, (s, e) in enumerate(zip(offsets[:-1], offsets[1:])):
+                torch.mm(z[:, s:e], z[:, s:e].T, out=grams[point])
+            unbiased = _u_centre(unbiased.copy_(grams)).reshape(len(grams), -1).mul_(1 / np.sqrt(n * (n - 3)))
+            biased = grams.reshape(len(grams), -1).mul_(1 / (n - 1))
             centred[view] = (unbiased, biased)
             self._add(f"{view}/self_debiased", torch.linalg.vector_norm(unbiased, dim=1) ** 2)
             self._add(f"{view}/self_biased", torch.linalg.vector_norm(biased, dim=1) ** 2)
