@@ -15,7 +15,7 @@ import torch.nn as nn
 from reassembly.data import ImageDataset, normalize
 from reassembly.errors import ReassemblyError
 from reassembly.graph import dissect
-from reassembly.graph.taps import tap
+from reassembly.graph import tap
 from reassembly.similarity import ZooMember, compute_similarity, linear_cka, load_similarity
 from reassembly.similarity.stage import batch_bounds
 from reassembly.zoo import create_model

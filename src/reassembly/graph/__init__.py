@@ -2,6 +2,7 @@
 
 >>> chain = dissect(model, input_size=(3, 32, 32))          # granularity "block" | "stage" | "fine", or cuts=[...]
 >>> chain[3], chain[2:5], chain.to_dict(), verify(chain, model, x)
+>>> tap(chain, x)                     # one forward pass: the pooled tensor at every node boundary (point 0..len)
 """
 
 from .chain import NodeChain
@@ -9,6 +10,7 @@ from .dissect import dissect
 from .errors import DissectionError, RecompositionError, UntraceableModelError
 from .nodes import NodeInfo
 from .plan import GRANULARITIES
+from .taps import tap
 from .verify import verify
 
 __all__ = [
@@ -19,5 +21,6 @@ __all__ = [
     "RecompositionError",
     "UntraceableModelError",
     "dissect",
+    "tap",
     "verify",
 ]

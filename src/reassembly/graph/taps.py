@@ -31,16 +31,6 @@ def point_format(chain: NodeChain, point: int) -> str:
     return chain[0].in_format if point == 0 else chain[point - 1].format
 
 
-def point_channels(chain: NodeChain, point: int) -> int | None:
-    """Width of the pooled feature of point ``point`` (None when it is not known before running)."""
-    if point == 0:
-        return chain[0].in_channels
-    node = chain[point - 1]
-    if node.format == "other":
-        return None if node.out_shape is None else int(torch.Size(node.out_shape).numel())
-    return node.channels
-
-
 def pool_point(value: torch.Tensor, layout: str, token_pool: str = "mean") -> torch.Tensor:
     """One vector per image from a point's tensor laid out as ``layout`` (see :func:`point_format`)."""
     if layout == "nchw":

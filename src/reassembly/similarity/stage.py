@@ -35,8 +35,8 @@ from tqdm import tqdm
 
 from ..data import ImageDataset, normalize
 from ..errors import ReassemblyError
-from ..graph import NodeChain, dissect
-from ..graph.taps import TOKEN_POOLS, tap
+from ..graph import NodeChain, dissect, tap
+from ..graph.taps import TOKEN_POOLS
 from ..io import atomic_path, write_text
 from .cka import ESTIMATORS, StreamingCKA, min_samples
 
