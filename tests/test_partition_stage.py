@@ -12,6 +12,7 @@ from reassembly.similarity import ZooMember, compute_similarity
 from reassembly.zoo import create_model
 
 from .conftest import needs_cifar
+from .test_cli import assert_one_line_error
 from .test_similarity_stage import MEAN, STD, cli, probe_images
 
 
@@ -57,12 +58,10 @@ def test_the_same_seed_gives_the_same_partition_and_the_record_describes_every_b
 def test_k_larger_than_the_shortest_body_is_refused_and_writes_nothing(copies_run, tmp_path):
     with pytest.raises(PartitionError, match="has only 9 body nodes"):
         partition_zoo(copies_run, k=10, out=tmp_path / "p.json")
-    result = cli("partition", str(copies_run), "--k", "10", "--out", str(tmp_path / "p.json"))
-    assert result.returncode != 0 and "has only 9 body nodes" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert_one_line_error(cli("partition", str(copies_run), "--k", "10", "--out", str(tmp_path / "p.json")),
+                          "has only 9 body nodes")
     assert not list(tmp_path.iterdir())
-    missing = cli("partition", str(tmp_path / "nowhere"))
-    assert missing.returncode != 0 and "run `reassembly similarity" in missing.stderr
+    assert_one_line_error(cli("partition", str(tmp_path / "nowhere")), "run `reassembly similarity")
 
 
 @needs_cifar

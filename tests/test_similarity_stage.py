@@ -21,6 +21,7 @@ from reassembly.similarity.stage import batch_bounds
 from reassembly.zoo import create_model
 
 from .conftest import needs_cifar
+from .test_cli import assert_one_line_error
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -166,10 +167,7 @@ def test_cli_errors_are_one_line_and_write_nothing(tmp_path):
           "--probe-size", "8"], "vit_cifar5 fails on an input of size (3, 24, 24)"),
     ]
     for args, message in cases:
-        result = cli("similarity", *args, "--out", str(out))
-        assert result.returncode != 0
-        assert message in result.stderr, result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert_one_line_error(cli("similarity", *args, "--out", str(out)), message)
         assert not out.exists()
 
 

@@ -7,10 +7,10 @@ near 0 for independent features even when the feature width approaches the numbe
 :class:`StreamingCKA` compares several *views* at once (one view per model, each a list of *points*: the pooled
 features at a node boundary) and accumulates over minibatches, so memory does not grow with the probe set:
 
-* ``estimator="exact"`` (default) keeps sufficient statistics of the linear kernel (sums, cross products and
+* ``estimator="exact"`` keeps sufficient statistics of the linear kernel (sums, cross products and
   squared-norm moments), which are additive over samples. It gives exactly the full-batch biased *and* debiased CKA
   whatever the batching or the split across processes. Memory is D_a x D_b per pair of views (D: summed widths).
-* ``estimator="minibatch"`` averages unbiased HSIC over minibatches (Nguyen, Raghu and Kornblith 2021). Its memory
+* ``estimator="minibatch"`` (default) averages unbiased HSIC over minibatches (Nguyen, Raghu and Kornblith 2021). Its memory
   is independent of the feature widths (points x points per pair), but the value depends on the batch size; the
   debiased result of a single batch equals the full-batch debiased CKA.
 
@@ -121,7 +121,7 @@ class StreamingCKA:
     from every batch: CKA does not change under translation, but sums of raw moments lose precision when features
     sit far from 0 (logits, unnormalised maps). Every shard of one computation must use the same reference."""
 
-    def __init__(self, widths: Mapping[str, Sequence[int]], estimator: str = "exact", self_pairs: bool = False,
+    def __init__(self, widths: Mapping[str, Sequence[int]], estimator: str = "minibatch", self_pairs: bool = False,
                  reference: Mapping[str, Sequence[torch.Tensor]] | None = None):
         if estimator not in ESTIMATORS:
             raise SimilarityError(f"estimator must be one of {', '.join(ESTIMATORS)}, not {estimator!r}")
@@ -134,7 +134,7 @@ class StreamingCKA:
         self.pairs = [(a, b) for i, a in enumerate(views) for b in views[i + (0 if self_pairs else 1):]]
         self._indicators = {view: _indicator(w) for view, w in self.widths.items()}
         self._offsets = {view: np.concatenate([[0], np.cumsum(w)]) for view, w in self.widths.items()}
-        self._state: dict[str, np.ndarray] = {"n": np.zeros(1), "batches": np.zeros(1)}
+        self._state: dict[str, np.ndarray] = {"n": np.zeros(1)}
         self._shift = {view: torch.zeros(sum(w), dtype=torch.float64) for view, w in self.widths.items()}
         self._scratch: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if reference is not None:
@@ -180,7 +180,6 @@ class StreamingCKA:
         if self.estimator == "minibatch" and batch < min_samples(True):
             raise SimilarityError(f"the minibatch estimator needs batches of at least 4 samples, got {batch}")
         self._state["n"] += batch
-        self._state["batches"] += 1
         if self.estimator == "exact":
             self._update_exact(stacked)
         else:

@@ -62,14 +62,14 @@ def load_zoo(spec: str, image_size: int | None = None) -> list[ZooMember]:
     from ..errors import UnknownModelError
     from ..evaluate import normalization_of
     from ..zoo import create_model
-    from ..zoo.pretrained import load_manifest, manifest_entry
+    from ..zoo.pretrained import load_manifest
     from ..zoo.recipes import ZOO_SETS
 
     names: list[str] = []
     for item in (part.strip() for part in spec.split(",")):
         if item:
             names.extend(ZOO_SETS.get(item, (item,)))
-    shipped = {entry.name for entry in load_manifest()}
+    shipped = {entry.name: entry for entry in load_manifest()}
     unknown = [name for name in names if name not in shipped]
     if unknown:
         raise UnknownModelError(
@@ -78,7 +78,7 @@ def load_zoo(spec: str, image_size: int | None = None) -> list[ZooMember]:
         )
     members = []
     for name in dict.fromkeys(names):
-        entry = manifest_entry(name)
+        entry = shipped[name]
         model = create_model(name, pretrained=True)
         mean, std = normalization_of(model, model.reassembly_metadata)
         size = image_size or entry.image_size
@@ -108,7 +108,7 @@ class SimilarityRun:
                 return self.directory / pair["file"], pair["a"] != a
         raise ReassemblyError(f"{self.directory / INDEX} has no pair ({a}, {b}); models: {', '.join(self.models)}")
 
-    def points(self, a: str, b: str, debiased: bool = False) -> np.ndarray:
+    def points(self, a: str, b: str, debiased: bool = True) -> np.ndarray:
         """(L_a + 1, L_b + 1) CKA between the points of models a and b."""
         path, flipped = self.pair_file(a, b)
         with np.load(path) as arrays:
