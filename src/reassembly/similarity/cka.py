@@ -136,7 +136,7 @@ class StreamingCKA:
         self._offsets = {view: np.concatenate([[0], np.cumsum(w)]) for view, w in self.widths.items()}
         self._state: dict[str, np.ndarray] = {"n": np.zeros(1)}
         self._shift = {view: torch.zeros(sum(w), dtype=torch.float64) for view, w in self.widths.items()}
-        self._scratch: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._scratch: tuple[torch.Tensor, torch.Tensor] | None = None
         if reference is not None:
             stacked, _ = self._stack(reference)
             self._shift = {view: z.mean(0) for view, z in stacked.items()}
@@ -202,35 +202,38 @@ class StreamingCKA:
             self._add(f"{a}|{b}/b_by_norma", stacked[b].T @ norms[a])
             self._add(f"{a}|{b}/norms", norms[a].T @ norms[b])
 
-    def _buffers(self, view: str, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two (points, batch, batch) float64 buffers kept across batches: allocating and freeing tens of MB per
+    def _buffers(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two (all points, batch, batch) float64 buffers kept across batches: allocating and freeing tens of MB per
         batch makes the allocator hand memory back to the system and fault it in again, which also slows the forward
         passes running between updates (measured in benchmarks/bench_similarity.py)."""
-        shape = (len(self.widths[view]), batch, batch)
-        buffers = self._scratch.get(view)
-        if buffers is None or buffers[0].shape != shape:
-            buffers = self._scratch[view] = (torch.empty(shape, dtype=torch.float64),
-                                             torch.empty(shape, dtype=torch.float64))
-        return buffers
+        shape = (sum(len(w) for w in self.widths.values()), batch, batch)
+        if self._scratch is None or self._scratch[0].shape != shape:
+            self._scratch = (torch.empty(shape, dtype=torch.float64), torch.empty(shape, dtype=torch.float64))
+        return self._scratch
 
     def _update_minibatch(self, stacked: dict[str, torch.Tensor]) -> None:
-        centred = {}
+        """The Gram matrices of every point of every view go into one buffer, so that all the inner products between
+        them are one matrix product (one pass over the buffer instead of one per pair of views)."""
+        n = next(iter(stacked.values())).shape[0]
+        grams, unbiased = self._buffers(n)
+        rows, first = {}, 0
         for view, z in stacked.items():
-            offsets, n = self._offsets[view], z.shape[0]
+            offsets = self._offsets[view]
+            rows[view] = slice(first, first + len(offsets) - 1)
             z = z - z.mean(0)  # the Gram of centred features is H K H; U-centring gives the same for K and H K H
-            grams, unbiased = self._buffers(view, n)
             for point, (s, e) in enumerate(zip(offsets[:-1], offsets[1:])):
-                torch.mm(z[:, s:e], z[:, s:e].T, out=grams[point])
-            unbiased = _u_centre(unbiased.copy_(grams)).reshape(len(grams), -1).mul_(1 / np.sqrt(n * (n - 3)))
-            biased = grams.reshape(len(grams), -1).mul_(1 / (n - 1))
-            centred[view] = (unbiased, biased)
-            self._add(f"{view}/self_debiased", torch.linalg.vector_norm(unbiased, dim=1) ** 2)
-            self._add(f"{view}/self_biased", torch.linalg.vector_norm(biased, dim=1) ** 2)
+                torch.mm(z[:, s:e], z[:, s:e].T, out=grams[first + point])
+            first = rows[view].stop
             self._add(f"{view}/sqnorm", (stacked[view] * stacked[view]).sum(0) @ self._indicators[view])
             self._add(f"{view}/centred", (z * z).sum(0) @ self._indicators[view])
-        for a, b in self.pairs:
-            self._add(f"{a}|{b}/debiased", centred[a][0] @ centred[b][0].T)
-            self._add(f"{a}|{b}/biased", centred[a][1] @ centred[b][1].T)
+        unbiased = _u_centre(unbiased.copy_(grams)).reshape(len(grams), -1).mul_(1 / np.sqrt(n * (n - 3)))
+        biased = grams.reshape(len(grams), -1).mul_(1 / (n - 1))
+        products = {"debiased": unbiased @ unbiased.T, "biased": biased @ biased.T}
+        for kind, product in products.items():
+            for view, rows_v in rows.items():
+                self._add(f"{view}/self_{kind}", product[rows_v, rows_v].diagonal())
+            for a, b in self.pairs:
+                self._add(f"{a}|{b}/{kind}", product[rows[a], rows[b]])
 
     # -- state -------------------------------------------------------------------------------------------------------
     @property
