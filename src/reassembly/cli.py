@@ -421,6 +421,76 @@ def partition_cmd(similarity_dir, k, eps, size, general, block_similarity, debia
     click.echo(f"wrote {path} and {path.with_suffix('.png')}")
 
 
+@cli.command("stitch")
+@click.option("--blocks", required=True,
+              help="Blocks in order, NAME:START-STOP each (nodes START..STOP-1 of a shipped model's chain, as in "
+                   "partition.json), comma-separated.")
+@click.option("--data", "data_spec", required=True, help="Target task, e.g. 'cifar10[5:10]': sets the head's classes "
+                                                         "and supplies the least-squares probe images.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Directory for structure.json + model.safetensors.")
+@click.option("--init", type=click.Choice(["least-squares", "default"]), default="least-squares", show_default=True,
+              help="least-squares: fit the stem, stitches and head in closed form on probe images; default: "
+                   "PyTorch's initialisation (the DeRy paper's).")
+@click.option("--probe-size", type=int, default=1000, show_default=True,
+              help="Training images of --data used by the least-squares fit.")
+@click.option("--stem", type=click.Choice(["new", "none"]), default="new", show_default=True,
+              help="new: a fresh conv stem makes the first block's input; none: the first block starts at node 0.")
+@click.option("--token-pool", type=click.Choice(["mean", "cls"]), default="mean", show_default=True,
+              help="How the head pools a token output: mean of the patch tokens, or the class token.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the probe draw and default init.")
+@click.option("--overwrite", is_flag=True, help="Replace a network already saved in --out.")
+@click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Folder holding the datasets.")
+def stitch_cmd(blocks, data_spec, out_dir, init, probe_size, stem, token_pool, seed, overwrite, data_root):
+    """DeRy stage 3: stitch blocks of different pretrained models into one network.
+
+    Between blocks of different models goes a stitch: BatchNorm + conv (kernel = stride, the stride chosen from
+    the ratio of map sizes) + LeakyReLU between feature maps, LayerNorm + Linear + LeakyReLU between tokens, and
+    layout adapters between maps and tokens. A fresh stem and a head for the classes of --data complete it.
+    The network is rebuilt from OUT alone (no zoo weights needed): evaluate it with
+    `reassembly eval --model OUT` and train it with `reassembly train OUT`.
+
+    \b
+    reassembly stitch --blocks 'resnet20_cifar5:1-4,mobilenext_cifar5:3-9,vit_cifar5:4-7' \\
+        --data 'cifar10[5:10]' --out runs/net
+    """
+    from .stitch.stage import stitch_stage
+
+    result = stitch_stage(blocks, data_spec, out_dir, init=init, probe_size=probe_size, seed=seed, stem=stem,
+                          token_pool=token_pool, data_root=data_root, overwrite=overwrite,
+                          progress=sys.stderr.isatty())
+    click.echo(describe_net(result["net"]))
+    fits = result["init"].get("fits", [])
+    if fits:
+        residuals = ", ".join(f"{fit['layer']} {fit['residual']:.2f}" for fit in fits)
+        click.echo(f"least-squares fit on {result['init']['probe']['images']} images of {result['data']} "
+                   f"(relative residual: {residuals})")
+    click.echo(f"wrote {Path(out_dir) / 'structure.json'} and {Path(out_dir) / 'model.safetensors'} "
+               f"in {result['seconds']:.1f} s")
+
+
+def describe_net(net) -> str:
+    """A table of a reassembled network's parts with their parameters, and its totals."""
+    from .measure import count_macs, count_params
+
+    structure = net.structure
+    rows = [["stem", "new conv stem" if structure.stem.kind == "new" else "(the first block's own)",
+             count_params(net.stem)]]
+    for k, (ref, block) in enumerate(zip(structure.blocks, net.blocks)):
+        if k:
+            stitch = net.stitches[k - 1]
+            rows.append([f"stitch {k - 1}", stitch.extra_repr() if stitch.plan.kind != "identity" else "(none)",
+                         count_params(stitch)])
+        nodes = f"{ref.nodes[0]}..{ref.nodes[-1]}" if len(ref.nodes) > 1 else ref.nodes[0]
+        rows.append([f"block {k}", f"{ref.spec} ({nodes})", count_params(block)])
+    rows.append(["head", f"{structure.head.source.format} -> {structure.head.num_classes} classes",
+                 count_params(net.head)])
+    table = format_table(["part", "what", "params"], rows, "llr")
+    total = count_params(net)
+    return f"{table}\n{total:,} parameters, {count_macs(net, structure.input_size):,} MACs at " \
+           f"{'x'.join(map(str, structure.input_size))}"
+
+
 def main() -> None:
     cli(prog_name="reassembly")
 

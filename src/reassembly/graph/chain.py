@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import copy
 import operator
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
-import torch.fx as fx
-import torch.nn as nn
+from torch import fx, nn
 
 from .cuts import Dataflow
 from .errors import RecompositionError
@@ -39,6 +38,7 @@ class ChainBlock(fx.GraphModule):
     owner's flag when the block runs (see :class:`~reassembly.graph.trace.TrainingFlag`)."""
 
     owners: tuple[nn.Module, ...] = ()
+    fixed_input_shape: tuple[int, ...] | None = None  # the only input shape it runs at (sizes fixed at dissection)
 
     @property
     def training(self) -> bool:
@@ -53,6 +53,7 @@ class ChainBlock(fx.GraphModule):
         copied = super().__deepcopy__(memo)  # rebuilt from the graph: plain attributes are dropped
         copied.node_names = list(self.node_names)
         copied.owners = copy.deepcopy(self.owners, memo)  # the copies of the modules the copied block calls
+        copied.fixed_input_shape = self.fixed_input_shape
         return copied
 
 
@@ -180,6 +181,7 @@ class NodeChain:
         block = ChainBlock(self._root, graph, class_name="ChainBlock")
         block.node_names = [node.name for node in self.nodes[start:stop]]
         block.owners = self._owners(self._segments[start:stop])
+        block.fixed_input_shape = self.nodes[start].in_shape if fixed else None
         return block
 
     def _owners(self, segments: list[Segment]) -> tuple[nn.Module, ...]:

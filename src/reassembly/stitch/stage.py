@@ -1,0 +1,51 @@
+"""The stitch stage: block specs + target data -> a saved, initialised reassembled network (``reassembly stitch``)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from ..errors import ReassemblyError
+from .build import build_network, parse_blocks, pretrained_block
+from .init import least_squares_init
+from .io import is_net_dir, save_net
+
+INITS = ("least-squares", "default")
+
+
+def stitch_stage(blocks: str | list[str], data: str, out: str | Path, *, init: str = "least-squares",
+                 probe_size: int = 1000, seed: int = 0, stem: str = "new", token_pool: str = "mean",
+                 data_root=None, overwrite: bool = False, progress: bool = True) -> dict:
+    """Cut the blocks out of the shipped pretrained models, stitch them into a network for the classes of ``data``,
+    initialise it (least squares on ``probe_size`` seeded training images of ``data``, or PyTorch's defaults) and
+    save it into ``out``. Returns the saved structure's summary."""
+    from ..data import load_dataset
+
+    if init not in INITS:
+        raise ReassemblyError(f"init must be one of {', '.join(INITS)}, not {init!r}")
+    if probe_size < 1:
+        raise ReassemblyError(f"--probe-size {probe_size} leaves no images to initialise the stitches with")
+    out = Path(out)
+    if is_net_dir(out) and not overwrite:
+        raise ReassemblyError(f"{out} already holds a network; choose another --out or pass --overwrite")
+    started = time.time()
+    specs = parse_blocks(blocks)
+    sources = [pretrained_block(name, start, stop) for name, start, stop in specs]
+    channels, size = sources[0].ref.input_size[0], sources[0].ref.input_size[1]
+    train = load_dataset(data, "train", root=data_root, image_size=size, channels=channels)
+    torch.manual_seed(seed)  # the default initialisation of the stem, stitches and head
+    net = build_network(sources, train.num_classes, stem=stem, token_pool=token_pool, classes=list(train.classes))
+    report: dict = {"method": init}
+    if init == "least-squares":
+        if len(train) == 0:
+            raise ReassemblyError(f"{train.name} train holds no images to initialise the stitches with")
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:probe_size]
+        probe = train.subset(order)
+        report.update(least_squares_init(net, sources, probe.images, probe.labels, progress=progress))
+        report["probe"] = {"data": train.name, "split": "train", "images": len(probe), "seed": seed}
+    info = {"blocks": [ref.spec for ref in net.structure.blocks], "data": train.name, "init": report, "seed": seed,
+            "seconds": round(time.time() - started, 1)}
+    save_net(net, out, info)
+    return {"out": str(out), "net": net, **info}

@@ -1,0 +1,276 @@
+"""Stitching: the layers' plans and shapes, the reassembled network, its save/reload, least-squares init, bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from reassembly.measure import count_params
+from reassembly.stitch import (
+    End,
+    Stitch,
+    StitchError,
+    build_network,
+    parse_blocks,
+    plan_stitch,
+    pretrained_block,
+)
+from reassembly.stitch.init import RidgeFit, least_squares_init
+from reassembly.stitch.io import load_net, save_net
+
+from .conftest import needs_cifar
+from .test_cli import assert_one_line_error, run
+
+THREE = "resnet20_cifar5:1-4,mobilenext_cifar5:3-9,vit_cifar5:4-7"  # a CNN, a MobileNet-family model, the ViT
+
+
+def map_end(width, side):
+    return End("nchw", width, (side, side))
+
+
+def token_end(width, side, prefix=1):
+    return End("tokens", width, (side, side), prefix)
+
+
+@pytest.fixture(scope="module")
+def three():
+    blocks = [pretrained_block(*spec) for spec in parse_blocks(THREE)]
+    torch.manual_seed(0)
+    return blocks, build_network(blocks, num_classes=5)
+
+
+# -- plans and layers ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arriving, trained, stride", [(32, 32, 1), (32, 16, 2), (32, 8, 4), (16, 32, 1), (24, 16, 1),
+                                                       (8, 2, 4)])
+def test_the_stride_follows_the_size_ratio_deterministically(arriving, trained, stride):
+    plan = plan_stitch(map_end(16, arriving), map_end(32, trained), (arriving, arriving), fixed_size=False)
+    assert plan.stride == stride and plan.resize_to is None
+    out = Stitch(plan)(torch.randn(2, 16, arriving, arriving))
+    assert out.shape == (2, 32, arriving // stride, arriving // stride)
+
+
+def test_a_block_that_runs_at_one_size_only_gets_an_explicit_resize():
+    plan = plan_stitch(map_end(16, 8), map_end(32, 16), (8, 8), fixed_size=True)
+    assert plan.resize_to == (16, 16)
+    assert Stitch(plan)(torch.randn(2, 16, 8, 8)).shape == (2, 32, 16, 16)
+    assert "resize" in Stitch(plan).extra_repr()
+
+
+def test_map_to_tokens_adds_the_class_token_the_next_block_expects():
+    plan = plan_stitch(map_end(64, 8), token_end(128, 8), (8, 8), fixed_size=False)
+    assert plan.kind == "conv" and plan.class_token
+    stitch = Stitch(plan)
+    out = stitch(torch.randn(3, 64, 8, 8))
+    assert out.shape == (3, 65, 128)
+    assert torch.equal(out[:, 0], stitch.class_token[0, 0].expand(3, -1))
+
+
+def test_tokens_to_map_drops_the_class_token_and_lays_patches_on_their_grid():
+    plan = plan_stitch(token_end(128, 8), map_end(64, 8), (8, 8), fixed_size=False)
+    stitch = Stitch(plan).eval()
+    tokens = torch.randn(2, 65, 128)
+    out = stitch(tokens)
+    assert out.shape == (2, 64, 8, 8)
+    changed = tokens.clone()
+    changed[:, 0] += 100  # the class token does not reach the map
+    assert torch.equal(stitch(changed), out)
+
+
+def test_tokens_to_tokens_is_layernorm_linear_and_keeps_a_shared_class_token():
+    plan = plan_stitch(token_end(128, 8), token_end(192, 8), (8, 8), fixed_size=False)
+    assert plan.kind == "linear" and not plan.class_token
+    stitch = Stitch(plan)
+    assert isinstance(stitch.norm, torch.nn.LayerNorm) and stitch.proj.bias is None
+    assert stitch(torch.randn(2, 65, 128)).shape == (2, 65, 192)
+    dropped = plan_stitch(token_end(128, 8), token_end(192, 8, prefix=0), (8, 8), fixed_size=False)
+    assert Stitch(dropped)(torch.randn(2, 65, 128)).shape == (2, 64, 192)
+
+
+def test_ends_that_are_not_maps_or_tokens_cannot_be_stitched():
+    with pytest.raises(StitchError, match="neither a feature map nor tokens"):
+        plan_stitch(End("vector", 64, None), map_end(16, 8), None, fixed_size=False, where="a:1-2 -> b:3-4")
+
+
+def test_a_map_too_small_for_the_stride_is_refused():
+    plan = plan_stitch(map_end(16, 2), map_end(16, 1), (2, 2), fixed_size=False)
+    assert plan.stride == 2  # 2x2 -> 1x1 is fine
+    with pytest.raises(StitchError, match="a:1-2 -> b:3-4"):
+        plan_stitch(End("vector", 16, None), map_end(16, 1), None, fixed_size=False, where="a:1-2 -> b:3-4")
+
+
+def test_parse_blocks_reads_specs_and_names_what_it_cannot_read():
+    assert parse_blocks(" a:0-4, b_c:3-10 ") == [("a", 0, 4), ("b_c", 3, 10)]
+    for bad, needle in [("a:4-2", "empty"), ("a:1", "NAME:START-STOP"), ("", "no blocks")]:
+        with pytest.raises(StitchError, match=needle):
+            parse_blocks(bad)
+
+
+def test_ridge_fit_recovers_a_linear_map_with_intercept():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 6, generator=g, dtype=torch.float64)
+    w, c = torch.randn(3, 6, generator=g, dtype=torch.float64), torch.randn(3, generator=g, dtype=torch.float64)
+    fit = RidgeFit(6, 3)
+    for part in x.split(128):
+        fit.add(part, part @ w.T + c)
+    weight, intercept = fit.solve(ridge=1e-9)
+    assert torch.allclose(weight, w, atol=1e-6) and torch.allclose(intercept, c, atol=1e-6)
+    assert fit.residual(weight) < 1e-10
+
+
+# -- the network -----------------------------------------------------------------------------------------------------
+def test_three_architectures_stitch_into_one_network(three):
+    _, net = three
+    kinds = [(s.plan.source.format, s.plan.target.format, s.plan.stride) for s in net.stitches]
+    assert kinds == [("nchw", "nchw", 2), ("nchw", "tokens", 1)]
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 5)
+    assert net.specs == THREE.split(",")
+
+
+def test_blocks_of_one_model_that_continue_each_other_need_no_stitch():
+    blocks = [pretrained_block(*spec) for spec in parse_blocks("resnet20_cifar5:1-4,resnet20_cifar5:4-6")]
+    net = build_network(blocks, num_classes=3)
+    assert net.stitches[0].plan.kind == "identity" and count_params(net.stitches[0]) == 0
+
+
+def test_frozen_blocks_keep_their_batch_norm_statistics_unless_asked(three):
+    blocks, _ = three
+    net = build_network(blocks, num_classes=5).freeze_blocks(norm="eval")
+    before = {k: v.clone() for k, v in net.blocks.state_dict().items()}
+    net.train()
+    assert net.stem.training and net.head.training and not net.blocks[0].training
+    assert all(not p.requires_grad for p in net.blocks.parameters())
+    assert all(p.requires_grad for p in net.stitches.parameters())
+    net(torch.randn(4, 3, 32, 32))
+    assert all(torch.equal(before[k], v) for k, v in net.blocks.state_dict().items())
+    net.freeze_blocks(norm="train").train()
+    assert net.blocks[0].training
+    net(torch.randn(4, 3, 32, 32))
+    assert any(not torch.equal(before[k], v) for k, v in net.blocks.state_dict().items() if "running" in k)
+
+
+def test_save_holds_only_used_weights_and_reloads_identically_in_a_fresh_process(three, tmp_path):
+    _, net = three
+    net.eval()
+    save_net(net, tmp_path / "net")
+    saved = load_file(str(tmp_path / "net" / "model.safetensors"))
+    assert saved.keys() == net.state_dict().keys()
+    trainable = sum(v.numel() for k, v in saved.items() if not k.rsplit(".", 1)[-1].startswith(("running", "num_")))
+    assert trainable == count_params(net) < sum(count_params(b.model) for b in three[0])
+    x = torch.randn(4, 3, 32, 32)
+    torch.save({"x": x, "y": net(x).detach()}, tmp_path / "io.pt")
+    script = ("import torch, sys; torch.set_num_threads(1); from reassembly.stitch.io import load_net; "
+              "net = load_net(sys.argv[1]); "
+              "d = torch.load(sys.argv[2]); print(float((net(d['x']) - d['y']).abs().max()))")
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "net"), str(tmp_path / "io.pt")],
+                         check=False, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout) == 0.0
+
+
+def test_the_network_exports_with_torch_export(three):
+    _, net = three
+    net.eval()
+    x = torch.randn(2, 3, 32, 32)
+    exported = torch.export.export(net, (x,))
+    assert torch.allclose(exported.module()(x), net(x), atol=1e-6)
+
+
+def test_a_network_counts_its_parameters_and_macs(three, tmp_path):
+    _, net = three
+    save_net(net, tmp_path / "net")
+    record = json.loads((tmp_path / "net" / "structure.json").read_text())
+    assert record["params"] == count_params(net)
+    assert record["macs"] > sum(0 for _ in net.blocks)
+    assert [b["spec"] for b in record["blocks"]] == THREE.split(",")
+
+
+# -- least-squares initialisation ------------------------------------------------------------------------------------
+@needs_cifar
+def test_least_squares_init_beats_the_default_before_any_training(three):
+    """The same network with least-squares stem, stitches and head against default stem and stitches with the same
+    ridge-fitted head: fitted stitches carry the pretrained blocks' features through."""
+    from reassembly.data import load_dataset
+    from reassembly.evaluate import evaluate
+
+    blocks, _ = three
+    train, test = load_dataset("cifar10[5:10]", "train"), load_dataset("cifar10[5:10]", "test")
+    probe = train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:500])
+    check = test.subset(range(0, len(test), 10))
+    scores = {}
+    for init, parts in (("least-squares", ("stem", "stitches", "head")), ("default", ("head",))):
+        torch.manual_seed(0)
+        net = build_network(blocks, num_classes=5)
+        report = least_squares_init(net, blocks, probe.images, probe.labels, parts=parts, progress=False)
+        assert len(report["fits"]) == (4 if init == "least-squares" else 1)
+        assert all(0 <= fit["residual"] < 1 for fit in report["fits"])
+        scores[init] = evaluate(net, check, net.structure.mean, net.structure.std, progress=False).top1
+    assert scores["least-squares"] > scores["default"] + 5, scores
+
+
+# -- the command line and bad input ----------------------------------------------------------------------------------
+def test_stitch_cli_builds_a_network_on_digits(tmp_path):
+    proc = run("stitch", "--blocks", "resnet20_cifar5:1-4,vgg11_cifar5:2-3", "--data", "digits",
+               "--probe-size", "200", "--out", str(tmp_path / "net"))
+    assert "stitch 0" in proc.stdout and "least-squares fit on 200 images" in proc.stdout
+    net = load_net(tmp_path / "net")
+    assert net.structure.head.num_classes == 10
+    assert net.stitches[0].plan.stride == 4  # 32x32 maps into a block trained on 8x8
+
+
+@pytest.mark.parametrize("blocks, needles", [
+    ("resnet20_cifar5:1-40", ["resnet20_cifar5:1-40", "outside the chain", "nodes 0..10"]),
+    ("resnet20_cifar5:9-11,vgg11_cifar5:2-3", ["resnet20_cifar5:9-11 -> vgg11_cifar5:2-3",
+                                               "neither a feature map nor tokens"]),
+    ("resnet20_cifar5:1-11", ["resnet20_cifar5:1-11 ends in vector", "head"]),
+    ("resnet2O_cifar5:1-4", ["no shipped model named 'resnet2O_cifar5'"]),
+    ("resnet20_cifar5:4-1", ["empty"]),
+])
+def test_stitch_bad_blocks_fail_in_one_line_and_write_nothing(tmp_path, blocks, needles):
+    out = tmp_path / "net"
+    proc = run("stitch", "--blocks", blocks, "--data", "digits", "--out", str(out), check_ok=False)
+    assert_one_line_error(proc, *needles)
+    assert not out.exists()
+
+
+@pytest.fixture()
+def saved(three, tmp_path):
+    return save_net(three[1], tmp_path / "net")
+
+
+def test_weights_that_do_not_belong_to_the_structure_are_refused(saved, three, tmp_path):
+    other = build_network(three[0], num_classes=3)
+    save_net(other, tmp_path / "other")
+    (saved / "model.safetensors").write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
+    with pytest.raises(Exception, match="not the weights file"):
+        load_net(saved)
+
+
+def test_a_corrupt_weights_file_is_refused(saved):
+    record = json.loads((saved / "structure.json").read_text())
+    data = (saved / "model.safetensors").read_bytes()[:1000]
+    (saved / "model.safetensors").write_bytes(data)
+    from reassembly.zoo.pretrained import sha256_of
+
+    record["weights"]["sha256"] = sha256_of(saved / "model.safetensors")  # even when the hash is made to match
+    (saved / "structure.json").write_text(json.dumps(record))
+    with pytest.raises(Exception, match="not a readable safetensors file"):
+        load_net(saved)
+
+
+def test_a_structure_whose_chain_changed_is_refused(saved):
+    record = json.loads((saved / "structure.json").read_text())
+    record["blocks"][1]["fingerprint"] = "0" * 16
+    (saved / "structure.json").write_text(json.dumps(record))
+    with pytest.raises(StitchError, match="mobilenext_cifar5:3-9.*fingerprint"):
+        load_net(saved)
+
+
+def test_a_directory_without_a_network_is_explained(tmp_path):
+    with pytest.raises(StitchError, match="not a saved network"):
+        load_net(tmp_path)
+    (tmp_path / "structure.json").write_text("{not json")
+    with pytest.raises(StitchError, match="not valid JSON"):
+        load_net(tmp_path)
