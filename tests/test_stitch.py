@@ -52,6 +52,26 @@ def test_the_stride_follows_the_size_ratio_deterministically(arriving, trained, 
     assert out.shape == (2, 32, arriving // stride, arriving // stride)
 
 
+def test_eval_mode_folds_batch_norm_into_the_conv_without_changing_the_function():
+    stitch = Stitch(plan_stitch(map_end(16, 32), map_end(32, 16), (32, 32), fixed_size=False))
+    stitch.norm.running_mean.uniform_(-1, 1)
+    stitch.norm.running_var.uniform_(0.5, 2)
+    stitch.norm.weight.data.uniform_(0.5, 2)
+    stitch.norm.bias.data.uniform_(-1, 1)
+    x = torch.randn(2, 16, 32, 32)
+    stitch.eval()
+    unfolded = stitch.act(stitch.proj(stitch.norm(x)))
+    assert torch.allclose(stitch(x), unfolded, atol=1e-5)
+    from reassembly.stitch.net import Stem, StemPlan
+
+    stem = Stem(StemPlan("new", 3, map_end(16, 32), 1))
+    stem.norm.running_mean.uniform_(-1, 1)
+    stem.norm.running_var.uniform_(0.5, 2)
+    stem.eval()
+    image = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(stem(image), stem.act(stem.norm(stem.conv(image))), atol=1e-5)
+
+
 def test_a_block_that_runs_at_one_size_only_gets_an_explicit_resize():
     plan = plan_stitch(map_end(16, 8), map_end(32, 16), (8, 8), fixed_size=True)
     assert plan.resize_to == (16, 16)

@@ -469,6 +469,63 @@ def stitch_cmd(blocks, data_spec, out_dir, init, probe_size, stem, token_pool, s
                f"in {result['seconds']:.1f} s")
 
 
+@cli.command("train")
+@click.argument("net_dir", metavar="NET", type=click.Path(file_okay=False))
+@click.option("--data", "data_spec", required=True, help="Target task, e.g. 'cifar10[5:10]' (train split; the test "
+                                                         "split is evaluated after each epoch).")
+@click.option("--mode", type=click.Choice(["frozen", "full"]), default="frozen", show_default=True,
+              help="frozen: train the stem, stitches and head only (DeRy's FZ); full: train everything (FT).")
+@click.option("--epochs", type=int, default=None, help="Epochs (default: the recipe's, 10).")
+@click.option("--lr", type=float, default=None, help="Peak AdamW learning rate (default 1e-3).")
+@click.option("--batch-size", type=int, default=None, help="Global batch size (default 128).")
+@click.option("--max-per-class", type=int, default=None,
+              help="Train on this many images per class (one fixed seeded draw), e.g. 1000 for Split-CIFAR.")
+@click.option("--block-norm", type=click.Choice(["eval", "train"]), default="eval", show_default=True,
+              help="Frozen mode: keep the blocks' batch-norm statistics (eval) or let them update (train, as the "
+                   "official code did).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="Run directory (default NET/train-MODE); an unfinished run there is resumed.")
+@click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Folder holding the datasets.")
+def train_cmd(net_dir, data_spec, mode, epochs, lr, batch_size, max_per_class, block_norm, seed, out, data_root):
+    """Train a stitched network (from `reassembly stitch`) on its target task.
+
+    AdamW, warm-up then cosine decay, label smoothing 0.1, random crops and flips; a checkpoint after every epoch,
+    and an interrupted run resumes where it stopped when the command is run again. The finished run directory holds
+    the trained network (structure.json + model.safetensors) and a model card. Launch with `accelerate launch` to
+    train on several GPUs or machines (the batch size is global).
+
+    \b
+    reassembly train runs/net --data 'cifar10[5:10]' --mode frozen --epochs 10 --max-per-class 1000
+    reassembly eval --model runs/net/train-frozen --data 'cifar10[5:10]'
+    """
+    from .stitch.training import RECIPE, train_network
+
+    updates = {key: value for key, value in (("epochs", epochs), ("lr", lr), ("batch_size", batch_size))
+               if value is not None}
+    try:
+        recipe = RECIPE.model_copy(update=updates)
+        recipe = type(RECIPE)(**recipe.model_dump())  # validated
+    except ValueError as exc:
+        raise ReassemblyError(f"invalid training setting: {first_error(exc)}") from None
+    result = train_network(net_dir, data_spec, mode, recipe=recipe, out=out, seed=seed, block_norm=block_norm,
+                           max_per_class=max_per_class, data_root=data_root, progress=sys.stderr.isatty())
+    final = result["final"]
+    if final:
+        click.echo(f"epoch {final['epoch']}/{recipe.epochs}: train loss {final['train_loss']:.3f}, "
+                   f"test top-1 {final.get('test_top1', float('nan')):.2f} %")
+    click.echo(f"wrote {result['out']}")
+
+
+def first_error(exc: Exception) -> str:
+    """The first validation message of a pydantic error, on one line."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        first = errors()[0]
+        return f"{'.'.join(map(str, first['loc']))}: {first['msg']}"
+    return str(exc).splitlines()[0]
+
+
 def describe_net(net) -> str:
     """A table of a reassembled network's parts with their parameters, and its totals."""
     from .measure import count_macs, count_params

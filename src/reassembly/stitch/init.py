@@ -233,13 +233,24 @@ def _fit_stitch(net: ReassembledNet, k: int, stitch: Stitch, inputs, targets, ba
 
 
 def _fit_head(net: ReassembledNet, inputs, labels, batches, ridge, bar) -> dict:
+    """A ridge classifier on the pooled features, its logits then scaled by the temperature that minimises
+    label-smoothed (0.1) cross-entropy on the probe: ridge logits sit near 0 and 1, which softmax reads as
+    near-uniform, and training from that high loss first tears down the fitted stitches; plain cross-entropy would
+    pick an unbounded scale wherever the probe is separable."""
     fc = net.head.fc
     fit = RidgeFit(fc.in_features, fc.out_features)
+    pooled = []
     for first, stop in batches:
-        pooled = net.head.pool(net.features(inputs(first, stop)))
-        fit.add(pooled, F.one_hot(labels[first:stop].long(), fc.out_features))
+        pooled.append(net.head.pool(net.features(inputs(first, stop))))
+        fit.add(pooled[-1], F.one_hot(labels[first:stop].long(), fc.out_features))
         bar.update()
     weight, intercept = fit.solve(ridge)
-    fc.weight.copy_(weight)
-    fc.bias.copy_(intercept)
-    return {"layer": "head", "residual": round(fit.residual(weight), 4)}
+    logits = torch.cat(pooled).double() @ weight.T + intercept
+    targets = labels[: len(logits)].long()
+    scales = torch.logspace(0, 3, 61, dtype=torch.float64)
+    losses = torch.stack([F.cross_entropy(scale * logits, targets, label_smoothing=0.1) for scale in scales])
+    scale = scales[int(losses.argmin())]
+    fc.weight.copy_(scale * weight)
+    fc.bias.copy_(scale * intercept)
+    return {"layer": "head", "residual": round(fit.residual(weight), 4), "temperature": round(float(scale), 2),
+            "probe_loss": round(float(losses.min()), 4)}

@@ -162,7 +162,11 @@ class Stitch(nn.Module):
         """The adapter's normalisation, projection and activation on the source's layout turned into the adapter's
         own (NCHW maps, or (batch, tokens, width)); without the final layout change. Least-squares initialisation
         fits ``proj`` between this method's pieces."""
-        return self.act(self.proj(self.norm(self.to_adapter(x))))
+        x = self.to_adapter(x)
+        if self.plan.kind == "conv" and not self.training:  # BN folded into the conv: one pass over the map
+            weight, bias = fold_norm_before(self.norm, self.proj.weight)
+            return F.leaky_relu(F.conv2d(x, weight, bias, stride=self.plan.stride), NEGATIVE_SLOPE, inplace=True)
+        return self.act(self.proj(self.norm(x)))
 
     def to_adapter(self, x: torch.Tensor) -> torch.Tensor:
         source, plan = self.plan.source, self.plan
@@ -189,6 +193,21 @@ class Stitch(nn.Module):
         if self.plan.kind == "identity":
             return x
         return self.from_adapter(self.adapt(x))
+
+
+def fold_norm_before(norm: nn.BatchNorm2d, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of ``conv(norm(x))`` as one convolution, with ``norm`` in eval mode (its running
+    statistics): ``norm`` scales channel c by a_c and shifts it by b_c, so the conv's weight scales by a along its
+    input channels and gains the bias ``sum(weight * b)``."""
+    scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+    shift = norm.bias - norm.running_mean * scale
+    return weight * scale[None, :, None, None], (weight * shift[None, :, None, None]).sum(dim=(1, 2, 3))
+
+
+def fold_norm_after(weight: torch.Tensor, norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of ``norm(conv(x))`` (a conv without bias) as one convolution, ``norm`` in eval mode."""
+    scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+    return weight * scale[:, None, None, None], norm.bias - norm.running_mean * scale
 
 
 def _tokens_to_map(x: torch.Tensor, source: End, grid: tuple[int, int] | None) -> torch.Tensor:

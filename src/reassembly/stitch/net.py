@@ -19,11 +19,20 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..graph import NodeChain
 from ..graph.taps import point_format
-from .layers import End, Stitch, StitchError, StitchPlan, identity_plan, plan_stitch
+from .layers import (
+    End,
+    Stitch,
+    StitchError,
+    StitchPlan,
+    fold_norm_after,
+    identity_plan,
+    plan_stitch,
+)
 
 STEM_KINDS = ("new", "none")
 TOKEN_POOLS = ("mean", "cls")
@@ -126,6 +135,9 @@ class Stem(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The stem's map before any layout change (what least-squares initialisation fits)."""
+        if not self.training:  # BN folded into the conv: one pass over the map
+            weight, bias = fold_norm_after(self.conv.weight, self.norm)
+            return F.relu(F.conv2d(x, weight, bias, self.conv.stride, self.conv.padding), inplace=True)
         return self.act(self.norm(self.conv(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

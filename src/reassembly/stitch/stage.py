@@ -17,10 +17,12 @@ INITS = ("least-squares", "default")
 
 def stitch_stage(blocks: str | list[str], data: str, out: str | Path, *, init: str = "least-squares",
                  probe_size: int = 1000, seed: int = 0, stem: str = "new", token_pool: str = "mean",
-                 data_root=None, overwrite: bool = False, progress: bool = True) -> dict:
+                 max_per_class: int | None = None, data_root=None, overwrite: bool = False,
+                 progress: bool = True) -> dict:
     """Cut the blocks out of the shipped pretrained models, stitch them into a network for the classes of ``data``,
     initialise it (least squares on ``probe_size`` seeded training images of ``data``, or PyTorch's defaults) and
-    save it into ``out``. Returns the saved structure's summary."""
+    save it into ``out``. ``max_per_class`` restricts the training split as training will (a seeded draw), so the
+    fit sees only target data the network may be trained on. Returns the saved structure's summary."""
     from ..data import load_dataset
 
     if init not in INITS:
@@ -34,7 +36,8 @@ def stitch_stage(blocks: str | list[str], data: str, out: str | Path, *, init: s
     specs = parse_blocks(blocks)
     sources = [pretrained_block(name, start, stop) for name, start, stop in specs]
     channels, size = sources[0].ref.input_size[0], sources[0].ref.input_size[1]
-    train = load_dataset(data, "train", root=data_root, image_size=size, channels=channels)
+    train = load_dataset(data, "train", root=data_root, image_size=size, channels=channels,
+                         max_per_class=max_per_class, seed=0)  # the subset training uses
     torch.manual_seed(seed)  # the default initialisation of the stem, stitches and head
     net = build_network(sources, train.num_classes, stem=stem, token_pool=token_pool, classes=list(train.classes))
     report: dict = {"method": init}

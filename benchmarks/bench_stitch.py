@@ -1,0 +1,117 @@
+"""What stitching costs at inference, and what least-squares initialisation buys before any training.
+
+Latency: the reassembled network's forward pass against the sum of its blocks' forward passes, each block run alone
+on the very tensor that reaches it inside the network (so the ratio is what the stem, the stitches, the head and
+the composition add). Rounds alternate the network and the blocks; the summary gives the median ratio over rounds
+and the fastest network time over the fastest block sum. The target is at most 1.1.
+
+Accuracy before training, on the full test split of the target: the same network with
+  * ``least-squares``: stem, stitches and head fitted in closed form on ``--probe-size`` training images;
+  * ``default + ridge head``: PyTorch's default stem and stitches, the head fitted the same way;
+  * ``default``: PyTorch's default everywhere (DeRy's initialisation; the head is random, so this is chance).
+
+    python benchmarks/bench_stitch.py [--blocks SPEC] [--data 'cifar10[5:10]'] [--probe-size 1000] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from reassembly.data import load_dataset
+from reassembly.evaluate import evaluate
+from reassembly.measure import count_macs, count_params
+from reassembly.stitch import build_network, parse_blocks, pretrained_block
+from reassembly.stitch.init import least_squares_init
+
+THREE = "resnet20_cifar5:1-4,mobilenext_cifar5:3-9,vit_cifar5:4-7"
+
+
+def block_inputs(net, x: torch.Tensor) -> list[torch.Tensor]:
+    """The tensor reaching each block inside the network."""
+    inputs = []
+    with torch.no_grad():
+        x = net.stem(x)
+        for k, block in enumerate(net.blocks):
+            if k:
+                x = net.stitches[k - 1](x)
+            inputs.append(x)
+            x = block(x)
+    return inputs
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def latency(net, batch: int, rounds: int, repeats: int) -> dict:
+    net.eval()
+    x = torch.randn(batch, *net.structure.input_size)
+    inputs = block_inputs(net, x)
+    ratios, whole, parts = [], [], []
+    with torch.no_grad():
+        for _ in range(rounds):
+            t_net = timed(lambda: net(x), repeats)
+            t_blocks = sum(timed(lambda b=b, i=i: b(i), repeats) for b, i in zip(net.blocks, inputs))
+            ratios.append(t_net / t_blocks)
+            whole.append(t_net)
+            parts.append(t_blocks)
+            print(f"  round {len(ratios)}: network {1e3 * t_net:7.2f} ms, blocks alone {1e3 * t_blocks:7.2f} ms: "
+                  f"ratio {ratios[-1]:.3f}")
+    return {"median": statistics.median(ratios), "fastest": min(whole) / min(parts)}
+
+
+def accuracy_before_training(spec: str, data: str, probe_size: int, seed: int) -> dict:
+    train, test = load_dataset(data, "train"), load_dataset(data, "test")
+    probe = train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:probe_size])
+    blocks = [pretrained_block(*s) for s in parse_blocks(spec)]
+    arms = {"least-squares": ("stem", "stitches", "head"), "default + ridge head": ("head",), "default": ()}
+    scores = {}
+    for arm, parts in arms.items():
+        torch.manual_seed(seed)
+        net = build_network(blocks, train.num_classes, classes=list(train.classes))
+        started = time.perf_counter()
+        if parts:
+            least_squares_init(net, blocks, probe.images, probe.labels, parts=parts, progress=False)
+        fitted = time.perf_counter() - started
+        scores[arm] = evaluate(net, test, net.structure.mean, net.structure.std, progress=False).top1
+        print(f"  {arm:<22} top-1 {scores[arm]:5.2f} % on {len(test)} test images of {test.name} "
+              f"(fit {fitted:.1f} s)")
+    return scores
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--blocks", default=THREE)
+    parser.add_argument("--data", default="cifar10[5:10]")
+    parser.add_argument("--probe-size", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    blocks = [pretrained_block(*s) for s in parse_blocks(args.blocks)]
+    net = build_network(blocks, 5)
+    print(f"network {args.blocks}: {count_params(net):,} parameters, "
+          f"{count_macs(net, net.structure.input_size):,} MACs; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"latency at batch {args.batch} ({args.repeats} passes per timing):")
+    result = latency(net, args.batch, args.rounds, args.repeats)
+    print(f"network / blocks alone: median of rounds {result['median']:.3f}, fastest / fastest "
+          f"{result['fastest']:.3f} (target <= 1.1)")
+    print(f"top-1 before any training ({args.probe_size} probe images, seed {args.seed}):")
+    accuracy_before_training(args.blocks, args.data, args.probe_size, args.seed)
+
+
+if __name__ == "__main__":
+    main()
