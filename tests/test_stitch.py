@@ -103,7 +103,7 @@ def test_tokens_to_tokens_is_layernorm_linear_and_keeps_a_shared_class_token():
     plan = plan_stitch(token_end(128, 8), token_end(192, 8), (8, 8), fixed_size=False)
     assert plan.kind == "linear" and not plan.class_token
     stitch = Stitch(plan)
-    assert isinstance(stitch.norm, torch.nn.LayerNorm) and stitch.proj.bias is None
+    assert isinstance(stitch.norm, torch.nn.LayerNorm) and isinstance(stitch.proj, torch.nn.Linear)
     assert stitch(torch.randn(2, 65, 128)).shape == (2, 65, 192)
     dropped = plan_stitch(token_end(128, 8), token_end(192, 8, prefix=0), (8, 8), fixed_size=False)
     assert Stitch(dropped)(torch.randn(2, 65, 128)).shape == (2, 64, 192)
@@ -205,6 +205,31 @@ def test_a_network_counts_its_parameters_and_macs(three, tmp_path):
     assert record["params"] == count_params(net)
     assert record["macs"] > sum(0 for _ in net.blocks)
     assert [b["spec"] for b in record["blocks"]] == THREE.split(",")
+
+
+@pytest.mark.parametrize("mode", ["frozen", "full"])
+def test_three_architectures_train_one_epoch_save_and_reload_identically(tmp_path, mode):
+    from reassembly.checkpoint import read_state_dict
+    from reassembly.stitch.stage import stitch_stage
+    from reassembly.stitch.training import RECIPE, train_network
+
+    stitch_stage(THREE, "digits", tmp_path / "net", probe_size=100, max_per_class=20, progress=False)
+    recipe = RECIPE.model_copy(update={"epochs": 1, "batch_size": 50})
+    result = train_network(tmp_path / "net", "digits", mode, recipe=recipe, max_per_class=20, progress=False)
+    assert result["epochs"] == 1 and result["final"]["test_top1"] > 10  # 10 classes
+    before, trained = load_net(tmp_path / "net"), load_net(result["out"])
+    final, _ = read_state_dict(tmp_path / "net" / f"train-{mode}" / "final.safetensors")
+    assert all(torch.equal(final[k], v) for k, v in trained.state_dict().items())
+    changed = {k for k, v in trained.state_dict().items() if not torch.equal(v, before.state_dict()[k])}
+    assert any(k.startswith("stitches.") for k in changed) and any(k.startswith("head.") for k in changed)
+    assert any(k.startswith("blocks.") for k in changed) == (mode == "full")
+    x = torch.randn(3, 3, 32, 32)
+    torch.save({"x": x, "y": trained(x).detach()}, tmp_path / "io.pt")
+    script = ("import torch, sys; torch.set_num_threads(1); from reassembly.stitch.io import load_net; "
+              "net = load_net(sys.argv[1]); d = torch.load(sys.argv[2]); print(torch.equal(net(d['x']), d['y']))")
+    out = subprocess.run([sys.executable, "-c", script, result["out"], str(tmp_path / "io.pt")], check=False,
+                         capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == "True", out.stderr
 
 
 # -- least-squares initialisation ------------------------------------------------------------------------------------

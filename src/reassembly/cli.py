@@ -434,6 +434,9 @@ def partition_cmd(similarity_dir, k, eps, size, general, block_similarity, debia
                    "PyTorch's initialisation (the DeRy paper's).")
 @click.option("--probe-size", type=int, default=1000, show_default=True,
               help="Training images of --data used by the least-squares fit.")
+@click.option("--max-per-class", type=int, default=None,
+              help="Draw probe images only from this many training images per class (the subset `reassembly "
+                   "train --max-per-class` trains on).")
 @click.option("--stem", type=click.Choice(["new", "none"]), default="new", show_default=True,
               help="new: a fresh conv stem makes the first block's input; none: the first block starts at node 0.")
 @click.option("--token-pool", type=click.Choice(["mean", "cls"]), default="mean", show_default=True,
@@ -441,7 +444,8 @@ def partition_cmd(similarity_dir, k, eps, size, general, block_similarity, debia
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the probe draw and default init.")
 @click.option("--overwrite", is_flag=True, help="Replace a network already saved in --out.")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Folder holding the datasets.")
-def stitch_cmd(blocks, data_spec, out_dir, init, probe_size, stem, token_pool, seed, overwrite, data_root):
+def stitch_cmd(blocks, data_spec, out_dir, init, probe_size, max_per_class, stem, token_pool, seed, overwrite,
+               data_root):
     """DeRy stage 3: stitch blocks of different pretrained models into one network.
 
     Between blocks of different models goes a stitch: BatchNorm + conv (kernel = stride, the stride chosen from
@@ -457,8 +461,8 @@ def stitch_cmd(blocks, data_spec, out_dir, init, probe_size, stem, token_pool, s
     from .stitch.stage import stitch_stage
 
     result = stitch_stage(blocks, data_spec, out_dir, init=init, probe_size=probe_size, seed=seed, stem=stem,
-                          token_pool=token_pool, data_root=data_root, overwrite=overwrite,
-                          progress=sys.stderr.isatty())
+                          token_pool=token_pool, max_per_class=max_per_class, data_root=data_root,
+                          overwrite=overwrite, progress=sys.stderr.isatty())
     click.echo(describe_net(result["net"]))
     fits = result["init"].get("fits", [])
     if fits:

@@ -3,10 +3,13 @@
 A stitch is planned from two *ends*, the layout, width and grid of the tensor one block produces and of the one the
 next block was trained on (:class:`End`, read off the node chains), and the actual size arriving at run time:
 
-* map to map: BatchNorm, a convolution with kernel = stride = ``s`` and no bias, LeakyReLU(0.1) (DeRy's adapter);
+* map to map: BatchNorm, a convolution with kernel = stride = ``s``, LeakyReLU(0.1) (DeRy's adapter, whose conv has
+  no bias: there the norm's shift, passed through the conv, is the only offset; least-squares initialisation put
+  offsets of up to 18x the features' scale there, which the first optimiser steps on the conv then amplified until
+  training diverged, so the offset is the conv's own bias here);
   ``s`` is the largest power of two not above the ratio of the arriving map's size to the size the next block was
   trained on, so the rule is deterministic (the official code draws the stride at random);
-* tokens to tokens: LayerNorm, a linear map without bias, LeakyReLU(0.1);
+* tokens to tokens: LayerNorm, a linear map (with bias, likewise), LeakyReLU(0.1);
 * map to tokens: the conv adapter, then the map's positions as tokens; tokens to map: the patch tokens (prefix
   tokens dropped) laid back on their grid, then the conv adapter;
 * a class token the next block expects and the previous one does not give is a learned parameter; one it does not
@@ -144,10 +147,10 @@ class Stitch(nn.Module):
         source, target = plan.source, plan.target
         if plan.kind == "conv":
             self.norm = nn.BatchNorm2d(source.width)
-            self.proj = nn.Conv2d(source.width, target.width, plan.stride, stride=plan.stride, bias=False)
+            self.proj = nn.Conv2d(source.width, target.width, plan.stride, stride=plan.stride)
         elif plan.kind == "linear":
             self.norm = nn.LayerNorm(source.width)
-            self.proj = nn.Linear(source.width, target.width, bias=False)
+            self.proj = nn.Linear(source.width, target.width)
         if plan.kind != "identity":
             self.act = nn.LeakyReLU(NEGATIVE_SLOPE)
         if plan.class_token:
@@ -164,7 +167,7 @@ class Stitch(nn.Module):
         fits ``proj`` between this method's pieces."""
         x = self.to_adapter(x)
         if self.plan.kind == "conv" and not self.training:  # BN folded into the conv: one pass over the map
-            weight, bias = fold_norm_before(self.norm, self.proj.weight)
+            weight, bias = fold_norm_before(self.norm, self.proj.weight, self.proj.bias)
             return F.leaky_relu(F.conv2d(x, weight, bias, stride=self.plan.stride), NEGATIVE_SLOPE, inplace=True)
         return self.act(self.proj(self.norm(x)))
 
@@ -195,13 +198,14 @@ class Stitch(nn.Module):
         return self.from_adapter(self.adapt(x))
 
 
-def fold_norm_before(norm: nn.BatchNorm2d, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def fold_norm_before(norm: nn.BatchNorm2d, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor,
+                                                                                                  torch.Tensor]:
     """Weight and bias of ``conv(norm(x))`` as one convolution, with ``norm`` in eval mode (its running
     statistics): ``norm`` scales channel c by a_c and shifts it by b_c, so the conv's weight scales by a along its
-    input channels and gains the bias ``sum(weight * b)``."""
+    input channels and its bias gains ``sum(weight * b)``."""
     scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
     shift = norm.bias - norm.running_mean * scale
-    return weight * scale[None, :, None, None], (weight * shift[None, :, None, None]).sum(dim=(1, 2, 3))
+    return weight * scale[None, :, None, None], bias + (weight * shift[None, :, None, None]).sum(dim=(1, 2, 3))
 
 
 def fold_norm_after(weight: torch.Tensor, norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
