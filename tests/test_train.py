@@ -1,14 +1,24 @@
+import ast
 import json
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
 from reassembly.checkpoint import read_state_dict
-from reassembly.data import ImageDataset
+from reassembly.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageDataset,
+    normalization_of,
+    set_normalization,
+)
 from reassembly.errors import ReassemblyError
-from reassembly.train import TrainRecipe, train_classifier
+from reassembly.train import TrainRecipe, evaluate, train_classifier
 from reassembly.train.loop import warmup_cosine
+
+SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def tiny_task(n=192, classes=3, seed=0):
@@ -124,3 +134,69 @@ def test_a_run_started_before_a_recipe_field_existed_still_resumes(tmp_path):
     (run / "recipe.json").write_text(json.dumps(saved))
     summary = train_classifier(tiny_model(), data, None, RECIPE, run, seed=0, progress=False)
     assert summary["epochs"] == RECIPE.epochs
+
+
+def imported_modules(module: str) -> set[str]:
+    """The reassembly modules that importing ``module`` and calling its functions can import: every import
+    statement, at the top or inside a function, followed transitively, with the packages holding each module (the
+    top-level package, which gathers the public API, excepted)."""
+    seen, todo = set(), [module]
+    while todo:
+        name = todo.pop()
+        if name in seen or name == "reassembly":
+            continue
+        seen.add(name)
+        path = SRC / name.replace(".", "/")
+        file = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+        if not file.is_file():  # a name imported from a module
+            seen.discard(name)
+            continue
+        package = name if file.name == "__init__.py" else name.rpartition(".")[0]
+        todo.append(name.rpartition(".")[0])
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + [base]).strip(".")
+                todo += [base] + [f"{base}.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.Import):
+                todo += [alias.name for alias in node.names]
+        todo = [t for t in todo if t.startswith("reassembly.")]
+    return seen
+
+
+def test_train_imports_nothing_from_the_zoo():
+    needed = imported_modules("reassembly.train")
+    assert {"reassembly.train.evaluate", "reassembly.train.loop", "reassembly.data.transforms"} <= needed
+    assert not [m for m in needed if m.split(".")[:2] == ["reassembly", "zoo"]]
+    assert "reassembly.zoo.registry" in imported_modules("reassembly.similarity.stage")  # the walk does see the zoo
+
+
+def test_a_model_carries_its_normalisation():
+    model = tiny_model()
+    assert normalization_of(model) == (IMAGENET_MEAN, IMAGENET_STD)  # any module: ImageNet's unless it says
+    model.pretrained_cfg = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}  # as timm models carry it
+    assert normalization_of(model) == ((0.5,) * 3, (0.5,) * 3)
+    set_normalization(model, (0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+    assert normalization_of(model) == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+    assert normalization_of(model, {"mean": [0, 0, 0], "std": [1, 1, 1]}) == ((0, 0, 0), (1, 1, 1))  # checkpoint's
+
+
+def test_training_and_evaluation_use_the_models_normalisation(tmp_path):
+    data, mean, std = tiny_task(), (0.2, 0.3, 0.4), (0.1, 0.2, 0.3)
+    model = set_normalization(tiny_model(), mean, std)
+    train_classifier(model, data, None, RECIPE.model_copy(update={"epochs": 1}), tmp_path / "run", progress=False)
+    _, meta = read_state_dict(tmp_path / "run" / "final.safetensors")
+    assert (tuple(meta["mean"]), tuple(meta["std"])) == (mean, std)
+    own = evaluate(model, data, progress=False)
+    assert own == evaluate(model, data, mean, std, progress=False)
+    assert own != evaluate(model, data, IMAGENET_MEAN, IMAGENET_STD, progress=False)
+    with pytest.raises(ReassemblyError, match="both mean and std"):
+        evaluate(model, data, mean=mean, progress=False)
+
+
+def test_explicit_normalisation_is_recorded_on_the_model(tmp_path):
+    model, mean, std = tiny_model(), (0.2, 0.3, 0.4), (0.1, 0.2, 0.3)
+    train_classifier(model, tiny_task(), None, RECIPE.model_copy(update={"epochs": 1}), tmp_path / "run",
+                     mean=mean, std=std, progress=False)
+    assert normalization_of(model) == (mean, std)

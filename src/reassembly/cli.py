@@ -267,8 +267,8 @@ def eval_cmd(model_name, checkpoint, pretrained, data_spec, split, data_root, nu
              batch_size, limit, json_out):
     """Top-1 (and top-5) accuracy of a model on a dataset split."""
     from .checkpoint import load_into
-    from .data import load_dataset
-    from .evaluate import evaluate, normalization_of
+    from .data import load_dataset, normalization_of
+    from .train import evaluate
     from .zoo import create_model
 
     if pretrained and checkpoint:

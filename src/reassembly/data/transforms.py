@@ -1,8 +1,31 @@
-"""Batch-level preprocessing: normalisation and the usual CIFAR augmentation, vectorised over the batch."""
+"""Batch-level preprocessing: normalisation and the usual CIFAR augmentation, vectorised over the batch.
+
+A model carries the normalisation it expects (``set_normalization``), so training, evaluation and feature
+extraction read it from the model instead of looking the model up in a registry.
+"""
 
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def set_normalization(model: nn.Module, mean, std) -> nn.Module:
+    """Record on ``model`` the per-channel mean and std of the [0, 1] pixels it expects; returns the model."""
+    model.input_normalization = {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
+    return model
+
+
+def normalization_of(model: nn.Module, metadata: dict | None = None) -> tuple[tuple, tuple]:
+    """Mean and std ``model`` expects: from checkpoint ``metadata``, else the model's own record
+    (``set_normalization``), else timm's ``pretrained_cfg``, else ImageNet's."""
+    for source in (metadata or {}, getattr(model, "input_normalization", None), getattr(model, "pretrained_cfg", None)):
+        if isinstance(source, dict) and "mean" in source and "std" in source:
+            return tuple(source["mean"]), tuple(source["std"])
+    return IMAGENET_MEAN, IMAGENET_STD
 
 
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:

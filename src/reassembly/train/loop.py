@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..checkpoint import save_checkpoint
-from ..data import ImageDataset, Preprocess
+from ..data import ImageDataset, Preprocess, set_normalization
 from ..errors import ReassemblyError
-from ..evaluate import evaluate
 from ..io import atomic_path, write_text
+from .evaluate import evaluate, resolve_normalization
 from .recipe import TrainRecipe
 
 
@@ -62,14 +62,17 @@ def train_classifier(
     recipe: TrainRecipe,
     run_dir: str | Path,
     seed: int = 0,
-    mean=(0.485, 0.456, 0.406),
-    std=(0.229, 0.224, 0.225),
+    mean=None,
+    std=None,
     metadata: dict | None = None,
     progress: bool = True,
     stop_after: int | None = None,
     channels_last: bool = False,
 ) -> dict:
     """Train ``model`` in ``run_dir``, resuming from its last finished epoch; returns the summary so far.
+
+    Images are normalised with ``mean``/``std`` when given (the model then carries them), else with the model's own
+    normalisation (``reassembly.data.normalization_of``), which is recorded in ``final.safetensors``.
 
     ``stop_after`` returns after that many epochs in this call, to split a long run over several sessions;
     ``final.safetensors`` is written only when the recipe's last epoch is done. ``channels_last`` runs convolutions
@@ -78,6 +81,8 @@ def train_classifier(
     the function being trained.
     """
     run_dir = Path(run_dir)
+    mean, std = resolve_normalization(model, mean, std)
+    set_normalization(model, mean, std)
     run_dir.mkdir(parents=True, exist_ok=True)
     with _exclusive(run_dir):
         return _train(model, train_set, test_set, recipe, run_dir, seed, mean, std, metadata, progress, stop_after,
@@ -155,7 +160,7 @@ def _train(model, train_set, test_set, recipe, run_dir, seed, mean, std, metadat
         entry = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_top1": 100 * correct / seen,
                  "lr": schedule.get_last_lr()[0], "seconds": round(time.time() - started, 1)}
         if test_set is not None and ((epoch + 1) % recipe.eval_every == 0 or epoch + 1 == recipe.epochs):
-            result = evaluate(evaluate_model, test_set, mean, std, device=accelerator.device, progress=False)
+            result = evaluate(evaluate_model, test_set, device=accelerator.device, progress=False)
             entry["test_top1"] = result.top1
         log.append(entry)
         if accelerator.is_main_process:

@@ -8,15 +8,14 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load_into, read_state_dict, save_checkpoint
-from ..data import load_dataset
+from ..data import load_dataset, normalization_of
 from ..errors import ReassemblyError
-from ..evaluate import evaluate
 from ..io import locked, write_text
 from ..measure import count_macs, count_params
-from ..train import TrainRecipe, train_classifier
+from ..train import TrainRecipe, evaluate, train_classifier
 from .pretrained import MANIFEST, WEIGHTS_DIR, load_manifest, sha256_of
 from .recipes import ZOO_RECIPES, ZooRecipe
-from .registry import create_model, model_info
+from .registry import create_model
 
 
 def recipe_for(name: str) -> ZooRecipe:
@@ -42,11 +41,10 @@ def train_zoo_model(name: str, out: str | Path = "runs/zoo", data_root=None, epo
     zoo = recipe_for(name)
     recipe: TrainRecipe = zoo.recipe if epochs is None else zoo.recipe.model_copy(update={"epochs": epochs})
     train_set, test_set = zoo_split(zoo, "train", data_root), zoo_split(zoo, "test", data_root)
-    info = model_info(zoo.architecture)
     torch.manual_seed(zoo.seed)
     model = create_model(zoo.architecture, num_classes=train_set.num_classes, **zoo.model_kwargs)
     run_dir = Path(out) / name
-    train_classifier(model, train_set, test_set, recipe, run_dir, seed=zoo.seed, mean=info.mean, std=info.std,
+    train_classifier(model, train_set, test_set, recipe, run_dir, seed=zoo.seed,
                      metadata={"zoo_name": name, "architecture": zoo.architecture, "data": zoo.data},
                      progress=progress, channels_last=zoo.channels_last)
     return run_dir
@@ -64,18 +62,17 @@ def ship_zoo_model(name: str, run_dir: str | Path, data_root=None) -> dict:
         raise ReassemblyError(f"{run_dir} has no final.safetensors: finish training first (`reassembly zoo train {name}`)")
     summary = json.loads((run_dir / "summary.json").read_text())
     test_set = zoo_split(zoo, "test", data_root)  # shipping evaluates only; the train split is not needed
-    info = model_info(zoo.architecture)
     model = create_model(zoo.architecture, num_classes=test_set.num_classes, **zoo.model_kwargs)
-    load_into(model, final)
+    mean, std = normalization_of(model, load_into(model, final))
     weights = WEIGHTS_DIR / f"{name}.safetensors"
     metadata = {"name": name, "architecture": zoo.architecture, "data": zoo.data, "classes": list(test_set.classes),
-                "mean": list(info.mean), "std": list(info.std)}
+                "mean": list(mean), "std": list(std)}
     if not _already_shipped(weights, model, metadata):  # safetensors orders metadata at random: rewrite only on change
         save_checkpoint(model, weights, dtype=torch.float16, metadata=metadata)
     load_into(model, weights)  # evaluate exactly what ships
-    full = evaluate(model, test_set, info.mean, info.std, progress=False)
+    full = evaluate(model, test_set, mean, std, progress=False)
     subset = check_subset(test_set, zoo.check_images)
-    sub = evaluate(model, subset, info.mean, info.std, progress=False)
+    sub = evaluate(model, subset, mean, std, progress=False)
     entry = {
         "name": name, "architecture": zoo.architecture, "num_classes": test_set.num_classes,
         "source_data": zoo.data, "classes": list(test_set.classes), "image_size": zoo.image_size,
