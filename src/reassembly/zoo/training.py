@@ -13,6 +13,7 @@ from ..errors import ReassemblyError
 from ..io import locked, write_text
 from ..measure import count_macs, count_params
 from ..train import TrainRecipe, evaluate, train_classifier
+from ..train.processes import join_processes
 from .pretrained import MANIFEST, WEIGHTS_DIR, load_manifest, sha256_of
 from .recipes import ZOO_RECIPES, ZooRecipe
 from .registry import create_model
@@ -53,8 +54,10 @@ def train_zoo_model(name: str, out: str | Path = "runs/zoo", data_root=None, epo
 def ship_zoo_model(name: str, run_dir: str | Path, data_root=None) -> dict:
     """Copy a finished run into the package as fp16 weights and record it in the manifest with a model card.
 
-    Accuracies are measured on the shipped (fp16) weights, as users will load them.
+    Accuracies are measured on the shipped (fp16) weights, as users will load them. Launched on several processes
+    (as `reassembly zoo train` may be), they share the evaluation and the main process writes the files.
     """
+    processes = join_processes()
     zoo = recipe_for(name)
     run_dir = Path(run_dir)
     final = run_dir / "final.safetensors"
@@ -67,12 +70,14 @@ def ship_zoo_model(name: str, run_dir: str | Path, data_root=None) -> dict:
     weights = WEIGHTS_DIR / f"{name}.safetensors"
     metadata = {"name": name, "architecture": zoo.architecture, "data": zoo.data, "classes": list(test_set.classes),
                 "mean": list(mean), "std": list(std)}
-    if not _already_shipped(weights, model, metadata):  # safetensors orders metadata at random: rewrite only on change
+    # safetensors orders metadata at random: rewrite only on change
+    if processes.is_main_process and not _already_shipped(weights, model, metadata):
         save_checkpoint(model, weights, dtype=torch.float16, metadata=metadata)
+    processes.wait_for_everyone()
     load_into(model, weights)  # evaluate exactly what ships
-    full = evaluate(model, test_set, mean, std, progress=False)
+    full = evaluate(model, test_set, mean, std, device=processes.device, progress=False)
     subset = check_subset(test_set, zoo.check_images)
-    sub = evaluate(model, subset, mean, std, progress=False)
+    sub = evaluate(model, subset, mean, std, device=processes.device, progress=False)
     entry = {
         "name": name, "architecture": zoo.architecture, "num_classes": test_set.num_classes,
         "source_data": zoo.data, "classes": list(test_set.classes), "image_size": zoo.image_size,
@@ -83,7 +88,9 @@ def ship_zoo_model(name: str, run_dir: str | Path, data_root=None) -> dict:
         "subset_check": {"images": len(subset), "stride": len(test_set) // zoo.check_images, "top1": sub.top1},
         "command": reproduce_command(name, summary["epochs"]), "channels_last": zoo.channels_last,
     }
-    with locked(MANIFEST):  # several training processes may ship at once
+    if not processes.is_main_process:
+        return entry
+    with locked(MANIFEST):  # several training queues may ship at once
         entries = [e.__dict__ for e in load_manifest() if e.name != name] + [entry]
         entries.sort(key=lambda e: list(ZOO_RECIPES).index(e["name"]) if e["name"] in ZOO_RECIPES else 99)
         write_text(MANIFEST, json.dumps({"models": entries}, indent=1) + "\n")
