@@ -74,13 +74,31 @@ def distributed_case():
 
 def test_training_learns_and_writes_artifacts(tmp_path):
     data = tiny_task()
-    summary = train_classifier(tiny_model(), data, data, RECIPE, tmp_path / "run", seed=1, progress=False)
+    summary = train_classifier(tiny_model(), data, data, RECIPE, tmp_path / "run", seed=1, progress=False,
+                               metadata={"command": "python train.py --seed 1"})
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in log] == [1, 2, 3]
     assert log[-1]["train_loss"] < log[0]["train_loss"]
     assert summary["final"]["test_top1"] > 60  # chance is 33%
     _, meta = read_state_dict(tmp_path / "run" / "final.safetensors")
-    assert meta["epochs"] == 3 and meta["seed"] == 1
+    assert meta["epochs"] == 3 and meta["seed"] == 1 and meta["command"] == "python train.py --seed 1"
+    card = (tmp_path / "run" / "MODEL_CARD.md").read_text()
+    for line in [f"| final test top-1 | **{summary['final']['test_top1']:.2f} %** |", "| epochs, seed | 3, 1 |",
+                 "| command | `python train.py --seed 1` |", "- `lr`: 0.2", "| model | `Sequential`, 267 parameters",
+                 "| trained on | `tiny`: 192 images 3x8x8, 3 classes (c0, c1, c2) |",
+                 *(f"| {e['epoch']} | {e['train_loss']:.4f} | {e['train_top1']:.2f} | {e['test_top1']:.2f} |"
+                   for e in log)]:
+        assert line in card, line
+
+
+def test_a_frozen_part_is_counted_on_the_card_and_does_not_move(tmp_path):
+    model = tiny_model()
+    model[0].requires_grad_(False)
+    before = model[0].weight.detach().clone()
+    train_classifier(model, tiny_task(), None, RECIPE, tmp_path / "run", progress=False)
+    assert torch.equal(model[0].weight, before)
+    card = (tmp_path / "run" / "MODEL_CARD.md").read_text()
+    assert "267 parameters (43 trained)" in card and "| final test top-1 | not measured |" in card
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path):

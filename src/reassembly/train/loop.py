@@ -2,7 +2,7 @@
 
 A run directory holds ``recipe.json`` (what was asked), ``state.pt`` (the last finished epoch: weights, optimiser,
 schedule, log; written atomically and read back with ``weights_only=True``), ``log.jsonl`` (one line per epoch) and,
-when done, ``final.safetensors`` and ``summary.json``. Each epoch's data order, augmentation and
+when done, ``final.safetensors``, ``summary.json`` and ``MODEL_CARD.md``. Each epoch's data order, augmentation and
 dropout come from seeds derived from (seed, epoch), so a run resumed at an epoch boundary continues exactly as an
 uninterrupted one would.
 
@@ -30,6 +30,7 @@ from ..checkpoint import save_checkpoint
 from ..data import ImageDataset, Preprocess, set_normalization
 from ..errors import ReassemblyError
 from ..io import atomic_path, write_text
+from .card import run_card
 from .evaluate import evaluate, resolve_normalization
 from .processes import join_processes
 from .recipe import TrainRecipe
@@ -204,6 +205,8 @@ def _train(accelerator, model, train_set, test_set, recipe, run_dir, seed, mean,
         save_checkpoint(evaluate_model, run_dir / "final.safetensors",
                         metadata={**(metadata or {}), "mean": list(mean), "std": list(std), **summary})
         write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        write_text(run_dir / "MODEL_CARD.md", run_card(run_dir.name, evaluate_model, train_set, test_set, summary, log,
+                                                       mean, std, metadata))
     accelerator.wait_for_everyone()  # every process returns once the run's files are written
     return summary
 

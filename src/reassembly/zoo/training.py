@@ -13,6 +13,7 @@ from ..errors import ReassemblyError
 from ..io import locked, write_text
 from ..measure import count_macs, count_params
 from ..train import TrainRecipe, evaluate, train_classifier
+from ..train.card import log_table, read_log, recipe_list
 from ..train.processes import join_processes
 from .pretrained import MANIFEST, WEIGHTS_DIR, load_manifest, sha256_of
 from .recipes import ZOO_RECIPES, ZooRecipe
@@ -46,7 +47,8 @@ def train_zoo_model(name: str, out: str | Path = "runs/zoo", data_root=None, epo
     model = create_model(zoo.architecture, num_classes=train_set.num_classes, **zoo.model_kwargs)
     run_dir = Path(out) / name
     train_classifier(model, train_set, test_set, recipe, run_dir, seed=zoo.seed,
-                     metadata={"zoo_name": name, "architecture": zoo.architecture, "data": zoo.data},
+                     metadata={"zoo_name": name, "architecture": zoo.architecture, "data": zoo.data,
+                               "command": reproduce_command(name, recipe.epochs)},
                      progress=progress, channels_last=zoo.channels_last)
     return run_dir
 
@@ -110,12 +112,6 @@ def _already_shipped(path: Path, model: torch.nn.Module, metadata: dict) -> bool
 
 def model_card(zoo: ZooRecipe, entry: dict, run_dir: Path) -> str:
     """A short model card generated from the manifest entry and the training log."""
-    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
-    curve = "\n".join(
-        f"| {e['epoch']} | {e['train_loss']:.4f} | {e['train_top1']:.2f} | {e.get('test_top1', float('nan')):.2f} |"
-        for e in log
-    )
-    recipe = "\n".join(f"- `{k}`: {v}" for k, v in entry["recipe"].items())
     return f"""# {entry['name']}
 
 {zoo.description}
@@ -136,12 +132,10 @@ Reproduce: `{entry['command']}` (trains, resumably, then ships the weights).
 Input normalisation: ImageNet mean and std, applied to [0, 1] pixels.
 
 ## Recipe
-{recipe}
+{recipe_list(entry['recipe'])}
 
 ## Training log
-| epoch | train loss | train top-1 % | test top-1 % |
-|---|---|---|---|
-{curve}
+{log_table(read_log(run_dir))}
 """
 
 
