@@ -258,7 +258,9 @@ def test_two_processes_train_as_one_process_with_the_same_global_batch(tmp_path)
     process at the same global batch, to float tolerance, and both processes end with identical weights; stopped
     after one epoch and resumed, too. Augmentation is on (drawn for the whole batch); the model has no dropout and
     no batch norm in train mode, whose masks and batch statistics are per process and legitimately differ from one
-    process's. Its frozen stem (batch norm included, kept in eval mode by the model's own train()) must not move."""
+    process's. Its frozen stem (batch norm included, kept in eval mode by the model's own train()) must not move.
+    A second model, with batch norm in train mode, must still end the same on both processes, and its logged test
+    accuracy be that of the saved weights."""
     model, data, test_set = distributed_case()
     assert len(data) % DISTRIBUTED_RECIPE.batch_size == 0  # no last batch for the processes to complete
     single = train_classifier(model, data, test_set, DISTRIBUTED_RECIPE, tmp_path / "one" / "run", seed=4,
@@ -269,7 +271,7 @@ def test_two_processes_train_as_one_process_with_the_same_global_batch(tmp_path)
     for stop_after in (["1"], []):
         done = subprocess.run(launch + stop_after, capture_output=True, text=True, env=env, timeout=300, check=False)
         assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [read_state_dict(tmp_path / "two" / f"rank-{r}.safetensors")[0] for r in (0, 1)]
+    ranks = [read_state_dict(tmp_path / "two" / f"run-rank-{r}.safetensors")[0] for r in (0, 1)]
     one, _ = read_state_dict(tmp_path / "one" / "run" / "final.safetensors")
     two, meta = read_state_dict(tmp_path / "two" / "run" / "final.safetensors")
     initial = FrozenStemNet().state_dict()
@@ -289,3 +291,10 @@ def test_two_processes_train_as_one_process_with_the_same_global_batch(tmp_path)
     assert meta["final"] == json.loads(json.dumps(logs[1][-1])) and single["epochs"] == meta["epochs"]
     assert sorted(p.name for p in (tmp_path / "two" / "run").iterdir()) == sorted(
         p.name for p in (tmp_path / "one" / "run").iterdir())
+    norm = [read_state_dict(tmp_path / "two" / f"norm-rank-{r}.safetensors")[0] for r in (0, 1)]
+    saved, meta = read_state_dict(tmp_path / "two" / "norm" / "final.safetensors")
+    for key in saved:
+        assert torch.equal(norm[0][key], norm[1][key]) and torch.equal(norm[0][key], saved[key]), key
+    with_norm = tiny_model()
+    with_norm.load_state_dict(saved)
+    assert evaluate(with_norm, test_set, progress=False).top1 == meta["final"]["test_top1"]

@@ -6,12 +6,15 @@ import sys
 from pathlib import Path
 
 from safetensors.torch import save_file
-from test_train import DISTRIBUTED_RECIPE, distributed_case
+from test_train import DISTRIBUTED_RECIPE, distributed_case, tiny_model
 
 from reassembly.train import train_classifier
 
 out = Path(sys.argv[1])
 stop_after = int(sys.argv[2]) if len(sys.argv) > 2 else None
 model, data, test_set = distributed_case()
-train_classifier(model, data, test_set, DISTRIBUTED_RECIPE, out / "run", seed=4, progress=False, stop_after=stop_after)
-save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / f"rank-{os.environ['RANK']}.safetensors"))
+with_norm = tiny_model()  # batch norm in train mode and dropout: per-process statistics and masks
+for name, net in (("run", model), ("norm", with_norm)):
+    train_classifier(net, data, test_set, DISTRIBUTED_RECIPE, out / name, seed=4, progress=False, stop_after=stop_after)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()},
+              str(out / f"{name}-rank-{os.environ['RANK']}.safetensors"))

@@ -80,7 +80,8 @@ def train_classifier(
 ) -> dict:
     """Train ``model`` in ``run_dir``, resuming from its last finished epoch; returns the summary so far.
 
-    ``recipe.batch_size`` is the global batch, however many processes the run was launched on. Images are normalised with ``mean``/``std`` when given (the model then carries them), else with the model's own
+    ``recipe.batch_size`` is the global batch, however many processes the run was launched on. Images are
+    normalised with ``mean``/``std`` when given (the model then carries them), else with the model's own
     normalisation (``reassembly.data.normalization_of``), which is recorded in ``final.safetensors``.
 
     ``stop_after`` returns after that many epochs in this call, to split a long run over several sessions;
@@ -189,7 +190,7 @@ def _train(accelerator, model, train_set, test_set, recipe, run_dir, seed, mean,
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}")
         seen, loss_sum, correct = accelerator.reduce(
             torch.tensor([seen, loss_sum, correct], dtype=torch.float64, device=accelerator.device), "sum").tolist()
-        _average_buffers(evaluate_model, processes=accelerator.num_processes)
+        _share_buffers(evaluate_model, processes=accelerator.num_processes)
         entry = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_top1": 100 * correct / seen,
                  "lr": schedule.get_last_lr()[0], "seconds": round(time.time() - started, 1)}
         if test_set is not None and ((epoch + 1) % recipe.eval_every == 0 or epoch + 1 == recipe.epochs):
@@ -221,15 +222,15 @@ def _check_same_start(accelerator, epochs_done: int, run_dir: Path) -> None:
                               "directory on a file system that every machine shares")
 
 
-def _average_buffers(model: nn.Module, processes: int) -> None:
-    """Average floating-point buffers (batch-norm statistics) over the processes: each updated them from its own part
-    of the batches, and one model must be evaluated on every process and saved."""
+def _share_buffers(model: nn.Module, processes: int) -> None:
+    """Give every process the main process's buffers, as DDP does before each forward pass: batch-norm statistics
+    were last updated by each process from its own part of a batch, and one model must be evaluated and saved."""
     if processes == 1:
         return
     for buffer in model.buffers():
-        if buffer.is_floating_point():
-            torch.distributed.all_reduce(buffer)
-            buffer.div_(processes)
+        shared = buffer.contiguous()  # a channels_last buffer is sent as a plain copy
+        torch.distributed.broadcast(shared, src=0)
+        buffer.copy_(shared)
 
 
 def _check_recipe(run_dir: Path, recipe: TrainRecipe, seed: int, write: bool) -> None:
