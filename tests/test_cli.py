@@ -96,6 +96,25 @@ def test_eval_third_party_resnet20(tmp_path):
     assert result["top1"] > 78.0, out
 
 
+def test_eval_on_two_processes_reports_the_whole_split_once(tmp_path):
+    """Each of two processes evaluates half of the split; the main process alone prints and writes the result."""
+    pytest.importorskip("sklearn")
+    import json
+
+    save_checkpoint(create_model("cifar_resnet20"), tmp_path / "w.safetensors")
+    args = ["-m", "reassembly", "eval", "--model", "cifar_resnet20", "--checkpoint", str(tmp_path / "w.safetensors"),
+            "--data", "digits", "--image-size", "32", "--channels", "3", "--batch-size", "64"]
+    one = run(*args[2:], "--json", str(tmp_path / "one.json"))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    two = subprocess.run([*launch, *args, "--json", str(tmp_path / "two.json")], capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert len(two.stdout.splitlines()) == len(one.stdout.splitlines()) == 2  # the result and "wrote ...json"
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert a["images"] == b["images"] == 355 and a["top1"] == b["top1"] and a["top5"] == b["top5"]
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+
+
 def test_dissect_verifies_and_writes_json(tmp_path):
     import json
 

@@ -86,6 +86,15 @@ def test_augmentation_is_seeded_and_shape_preserving():
     assert torch.equal(random_crop_flip(images, padding=0, flip=False), images)
 
 
+def test_parts_of_a_batch_are_augmented_as_the_whole_batch():
+    """Each process of a distributed run augments its part of the global batch as one process would the whole."""
+    images = torch.randint(0, 256, (12, 3, 8, 8), dtype=torch.uint8)
+    whole = random_crop_flip(images, padding=2, generator=torch.Generator().manual_seed(5))
+    parts = [random_crop_flip(images[4 * i:4 * (i + 1)], padding=2, generator=torch.Generator().manual_seed(5),
+                              part=(i, 3)) for i in range(3)]
+    assert torch.equal(torch.cat(parts), whole)
+
+
 def test_normalize_per_channel():
     images = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)
     out = normalize(images, (0.5, 0.5, 0.5), (0.5, 0.25, 0.5))

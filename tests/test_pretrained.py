@@ -7,7 +7,7 @@ import pytest
 from reassembly import create_model
 from reassembly.data import data_roots
 from reassembly.errors import CheckpointError, UnknownModelError
-from reassembly.evaluate import evaluate, normalization_of
+from reassembly.train import evaluate
 from reassembly.zoo import pretrained
 from reassembly.zoo.recipes import ZOO_RECIPES
 from reassembly.zoo.training import check_subset, zoo_split
@@ -25,8 +25,7 @@ def shipped_model_and_test_split(name):
     except Exception as exc:  # the dataset is not on this machine
         pytest.skip(f"{zoo.data} not available ({exc}; looked in {data_roots()})")
     model = create_model(name, pretrained=True)
-    mean, std = normalization_of(model, model.reassembly_metadata)
-    return test_set, lambda images: evaluate(model, images, mean, std, progress=False)
+    return test_set, lambda images: evaluate(model, images, progress=False)  # with the normalisation it carries
 
 
 def test_shipped_weights_stay_small_and_match_their_hashes():

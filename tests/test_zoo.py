@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from reassembly import create_model, list_models, model_info
+from reassembly import create_model, list_models, model_info, save_checkpoint
+from reassembly.data import IMAGENET_MEAN, IMAGENET_STD, normalization_of
 from reassembly.errors import ReassemblyError, UnknownModelError
 from reassembly.measure import count_macs, count_params
 from reassembly.zoo.models.mobilenext import SandGlass
@@ -13,6 +14,14 @@ def test_registry_lists_every_family():
     families = {model_info(n).family for n in ALL}
     assert {"cifar_resnet", "wide_resnet", "vgg", "mobilenetv2", "mobilenext", "vit"} <= families
     assert list_models("cifar_resnet*") == sorted(f"cifar_resnet{d}" for d in (20, 32, 44, 56, 110))
+
+
+def test_models_carry_the_normalisation_of_their_entry_or_checkpoint(tmp_path):
+    model = create_model("cifar_resnet20")
+    assert model.input_normalization == {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    save_checkpoint(model, tmp_path / "w.safetensors", metadata={"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.2, 0.2]})
+    loaded = create_model("cifar_resnet20", checkpoint=str(tmp_path / "w.safetensors"))
+    assert normalization_of(loaded) == ((0.5, 0.4, 0.3), (0.2, 0.2, 0.2))
 
 
 def test_unknown_model_suggests_close_names():

@@ -265,10 +265,15 @@ def dissect(model_name, checkpoint, pretrained, num_classes, input_size, granula
 @click.option("--json", "json_out", default=None, help="Write the result as JSON to this path.")
 def eval_cmd(model_name, checkpoint, pretrained, data_spec, split, data_root, num_classes, image_size, channels,
              batch_size, limit, json_out):
-    """Top-1 (and top-5) accuracy of a model on a dataset split."""
+    """Top-1 (and top-5) accuracy of a model on a dataset split.
+
+    Launched on several processes (`accelerate launch`, `torchrun`), each evaluates a part of the split; the main
+    process reports the whole split's result.
+    """
     from .checkpoint import load_into
-    from .data import load_dataset
-    from .evaluate import evaluate, normalization_of
+    from .data import load_dataset, normalization_of
+    from .train import evaluate
+    from .train.processes import join_processes
     from .zoo import create_model
 
     if pretrained and checkpoint:
@@ -291,7 +296,11 @@ def eval_cmd(model_name, checkpoint, pretrained, data_spec, split, data_root, nu
         if checkpoint:
             metadata = load_into(model, checkpoint, model_name=model_name)
     mean, std = normalization_of(model, metadata)
-    result = evaluate(model, dataset, mean, std, batch_size=batch_size, progress=sys.stderr.isatty())
+    processes = join_processes()
+    result = evaluate(model, dataset, mean, std, batch_size=batch_size, device=processes.device,
+                      progress=sys.stderr.isatty())
+    if not processes.is_main_process:
+        return
     top5 = f", top-5 {result.top5:.2f}%" if result.top5 is not None else ""
     click.echo(f"{model_name} on {dataset.name} {split}: top-1 {result.top1:.2f}%{top5} "
                f"({result.images} images, mean loss {result.loss:.4f})")

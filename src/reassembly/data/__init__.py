@@ -2,7 +2,15 @@
 
 from .dataset import DatasetSpec, ImageDataset, load_dataset
 from .sources import cache_dir, data_roots
-from .transforms import Preprocess, normalize, random_crop_flip
+from .transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Preprocess,
+    normalization_of,
+    normalize,
+    random_crop_flip,
+    set_normalization,
+)
 
-__all__ = ["DatasetSpec", "ImageDataset", "Preprocess", "cache_dir", "data_roots", "load_dataset", "normalize",
-           "random_crop_flip"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DatasetSpec", "ImageDataset", "Preprocess", "cache_dir", "data_roots",
+           "load_dataset", "normalization_of", "normalize", "random_crop_flip", "set_normalization"]

@@ -59,8 +59,8 @@ class ZooMember:
 def load_zoo(spec: str, image_size: int | None = None) -> list[ZooMember]:
     """Shipped pretrained models by name, comma-separated, or a named group (``split-cifar``), as zoo members with
     the normalisation they were trained with; ``image_size`` overrides the size they were trained at."""
+    from ..data import normalization_of
     from ..errors import UnknownModelError
-    from ..evaluate import normalization_of
     from ..zoo import create_model
     from ..zoo.pretrained import load_manifest
     from ..zoo.recipes import ZOO_SETS
@@ -80,7 +80,7 @@ def load_zoo(spec: str, image_size: int | None = None) -> list[ZooMember]:
     for name in dict.fromkeys(names):
         entry = shipped[name]
         model = create_model(name, pretrained=True)
-        mean, std = normalization_of(model, model.reassembly_metadata)
+        mean, std = normalization_of(model)
         size = image_size or entry.image_size
         members.append(ZooMember(name, model, mean, std, (3, size, size),
                                  {"pretrained": name, "architecture": entry.architecture}))

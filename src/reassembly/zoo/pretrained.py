@@ -65,6 +65,7 @@ def sha256_of(path: Path) -> str:
 def load_pretrained(name: str, num_classes: int | None = None, **kwargs) -> nn.Module:
     """Build a shipped model and load its weights offline, after checking the file's sha256."""
     from ..checkpoint import load_into
+    from ..data import normalization_of, set_normalization
     from .registry import create_model
 
     entry = manifest_entry(name)
@@ -77,6 +78,7 @@ def load_pretrained(name: str, num_classes: int | None = None, **kwargs) -> nn.M
         raise CheckpointError(f"{path} does not match the sha256 recorded in the manifest: reinstall the package")
     model = create_model(entry.architecture, num_classes=entry.num_classes, **{**entry.model_kwargs, **kwargs})
     model.reassembly_metadata = load_into(model, path, model_name=name)
+    set_normalization(model, *normalization_of(model, model.reassembly_metadata))  # as it was trained
     model.reassembly_name = entry.architecture
     model.reassembly_pretrained = name
     return model

@@ -14,10 +14,13 @@ from typing import Callable
 
 import torch.nn as nn
 
+from ..data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    normalization_of,
+    set_normalization,
+)
 from ..errors import ReassemblyError, UnknownModelError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,8 @@ def create_model(
 
     ``pretrained=True`` loads the weights shipped with the package (see ``reassembly zoo list``);
     ``checkpoint`` loads a local safetensors or weights-only torch file instead. ``timm:<name>`` builds a
-    timm model when the ``[timm]`` extra is installed.
+    timm model when the ``[timm]`` extra is installed. The model carries the input normalisation it expects
+    (``reassembly.data.normalization_of``): the checkpoint's, else the architecture's.
     """
     if name.startswith("timm:"):
         return _create_timm(name[len("timm:"):], num_classes, pretrained, checkpoint, **kwargs)
@@ -111,10 +115,11 @@ def create_model(
         raise _unknown(name)
     model = fn(num_classes=info.default_num_classes if num_classes is None else num_classes, **kwargs)
     model.reassembly_name = name
+    set_normalization(model, info.mean, info.std)
     if checkpoint is not None:
         from ..checkpoint import load_into
 
-        load_into(model, checkpoint, model_name=name)
+        set_normalization(model, *normalization_of(model, load_into(model, checkpoint, model_name=name)))
     return model
 
 
@@ -136,7 +141,7 @@ def _create_timm(name, num_classes, pretrained, checkpoint, **kwargs) -> nn.Modu
     if checkpoint is not None:
         from ..checkpoint import load_into
 
-        load_into(model, checkpoint, model_name=f"timm:{name}")
+        set_normalization(model, *normalization_of(model, load_into(model, checkpoint, model_name=f"timm:{name}")))
     model.reassembly_name = f"timm:{name}"
     return model
 

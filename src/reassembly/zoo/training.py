@@ -8,15 +8,16 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load_into, read_state_dict, save_checkpoint
-from ..data import load_dataset
+from ..data import load_dataset, normalization_of
 from ..errors import ReassemblyError
-from ..evaluate import evaluate
 from ..io import locked, write_text
 from ..measure import count_macs, count_params
-from ..train import TrainRecipe, train_classifier
+from ..train import TrainRecipe, evaluate, train_classifier
+from ..train.card import log_table, read_log, recipe_list
+from ..train.processes import join_processes
 from .pretrained import MANIFEST, WEIGHTS_DIR, load_manifest, sha256_of
 from .recipes import ZOO_RECIPES, ZooRecipe
-from .registry import create_model, model_info
+from .registry import create_model
 
 
 def recipe_for(name: str) -> ZooRecipe:
@@ -42,12 +43,12 @@ def train_zoo_model(name: str, out: str | Path = "runs/zoo", data_root=None, epo
     zoo = recipe_for(name)
     recipe: TrainRecipe = zoo.recipe if epochs is None else zoo.recipe.model_copy(update={"epochs": epochs})
     train_set, test_set = zoo_split(zoo, "train", data_root), zoo_split(zoo, "test", data_root)
-    info = model_info(zoo.architecture)
     torch.manual_seed(zoo.seed)
     model = create_model(zoo.architecture, num_classes=train_set.num_classes, **zoo.model_kwargs)
     run_dir = Path(out) / name
-    train_classifier(model, train_set, test_set, recipe, run_dir, seed=zoo.seed, mean=info.mean, std=info.std,
-                     metadata={"zoo_name": name, "architecture": zoo.architecture, "data": zoo.data},
+    train_classifier(model, train_set, test_set, recipe, run_dir, seed=zoo.seed,
+                     metadata={"zoo_name": name, "architecture": zoo.architecture, "data": zoo.data,
+                               "command": reproduce_command(name, recipe.epochs)},
                      progress=progress, channels_last=zoo.channels_last)
     return run_dir
 
@@ -55,8 +56,10 @@ def train_zoo_model(name: str, out: str | Path = "runs/zoo", data_root=None, epo
 def ship_zoo_model(name: str, run_dir: str | Path, data_root=None) -> dict:
     """Copy a finished run into the package as fp16 weights and record it in the manifest with a model card.
 
-    Accuracies are measured on the shipped (fp16) weights, as users will load them.
+    Accuracies are measured on the shipped (fp16) weights, as users will load them. Launched on several processes
+    (as `reassembly zoo train` may be), they share the evaluation and the main process writes the files.
     """
+    processes = join_processes()
     zoo = recipe_for(name)
     run_dir = Path(run_dir)
     final = run_dir / "final.safetensors"
@@ -64,18 +67,19 @@ def ship_zoo_model(name: str, run_dir: str | Path, data_root=None) -> dict:
         raise ReassemblyError(f"{run_dir} has no final.safetensors: finish training first (`reassembly zoo train {name}`)")
     summary = json.loads((run_dir / "summary.json").read_text())
     test_set = zoo_split(zoo, "test", data_root)  # shipping evaluates only; the train split is not needed
-    info = model_info(zoo.architecture)
     model = create_model(zoo.architecture, num_classes=test_set.num_classes, **zoo.model_kwargs)
-    load_into(model, final)
+    mean, std = normalization_of(model, load_into(model, final))
     weights = WEIGHTS_DIR / f"{name}.safetensors"
     metadata = {"name": name, "architecture": zoo.architecture, "data": zoo.data, "classes": list(test_set.classes),
-                "mean": list(info.mean), "std": list(info.std)}
-    if not _already_shipped(weights, model, metadata):  # safetensors orders metadata at random: rewrite only on change
+                "mean": list(mean), "std": list(std)}
+    # safetensors orders metadata at random: rewrite only on change
+    if processes.is_main_process and not _already_shipped(weights, model, metadata):
         save_checkpoint(model, weights, dtype=torch.float16, metadata=metadata)
+    processes.wait_for_everyone()
     load_into(model, weights)  # evaluate exactly what ships
-    full = evaluate(model, test_set, info.mean, info.std, progress=False)
+    full = evaluate(model, test_set, mean, std, device=processes.device, progress=False)
     subset = check_subset(test_set, zoo.check_images)
-    sub = evaluate(model, subset, info.mean, info.std, progress=False)
+    sub = evaluate(model, subset, mean, std, device=processes.device, progress=False)
     entry = {
         "name": name, "architecture": zoo.architecture, "num_classes": test_set.num_classes,
         "source_data": zoo.data, "classes": list(test_set.classes), "image_size": zoo.image_size,
@@ -86,7 +90,9 @@ def ship_zoo_model(name: str, run_dir: str | Path, data_root=None) -> dict:
         "subset_check": {"images": len(subset), "stride": len(test_set) // zoo.check_images, "top1": sub.top1},
         "command": reproduce_command(name, summary["epochs"]), "channels_last": zoo.channels_last,
     }
-    with locked(MANIFEST):  # several training processes may ship at once
+    if not processes.is_main_process:
+        return entry
+    with locked(MANIFEST):  # several training queues may ship at once
         entries = [e.__dict__ for e in load_manifest() if e.name != name] + [entry]
         entries.sort(key=lambda e: list(ZOO_RECIPES).index(e["name"]) if e["name"] in ZOO_RECIPES else 99)
         write_text(MANIFEST, json.dumps({"models": entries}, indent=1) + "\n")
@@ -106,12 +112,6 @@ def _already_shipped(path: Path, model: torch.nn.Module, metadata: dict) -> bool
 
 def model_card(zoo: ZooRecipe, entry: dict, run_dir: Path) -> str:
     """A short model card generated from the manifest entry and the training log."""
-    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
-    curve = "\n".join(
-        f"| {e['epoch']} | {e['train_loss']:.4f} | {e['train_top1']:.2f} | {e.get('test_top1', float('nan')):.2f} |"
-        for e in log
-    )
-    recipe = "\n".join(f"- `{k}`: {v}" for k, v in entry["recipe"].items())
     return f"""# {entry['name']}
 
 {zoo.description}
@@ -132,12 +132,10 @@ Reproduce: `{entry['command']}` (trains, resumably, then ships the weights).
 Input normalisation: ImageNet mean and std, applied to [0, 1] pixels.
 
 ## Recipe
-{recipe}
+{recipe_list(entry['recipe'])}
 
 ## Training log
-| epoch | train loss | train top-1 % | test top-1 % |
-|---|---|---|---|
-{curve}
+{log_table(read_log(run_dir))}
 """
 
 
