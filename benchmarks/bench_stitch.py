@@ -22,7 +22,7 @@ import time
 import torch
 
 from reassembly.data import load_dataset
-from reassembly.evaluate import evaluate
+from reassembly.train import evaluate
 from reassembly.measure import count_macs, count_params
 from reassembly.stitch import build_network, parse_blocks, pretrained_block
 from reassembly.stitch.init import least_squares_init

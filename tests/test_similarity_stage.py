@@ -183,6 +183,7 @@ def test_two_processes_give_the_same_matrices_as_one(tmp_path, estimator):
     assert double.returncode == 0, double.stderr
     one, two = load_similarity(tmp_path / "one"), load_similarity(tmp_path / "two")
     assert one.index["samples"] == two.index["samples"] == 200
+    assert (one.index["processes"], two.index["processes"]) == (1, 2)  # the probe set really was split
     for debiased in (False, True):
         np.testing.assert_allclose(two.points("resnet20_cifar5", "vit_cifar5", debiased),
                                    one.points("resnet20_cifar5", "vit_cifar5", debiased), atol=1e-8, rtol=0)

@@ -238,7 +238,7 @@ def test_least_squares_init_beats_the_default_before_any_training(three):
     """The same network with least-squares stem, stitches and head against default stem and stitches with the same
     ridge-fitted head: fitted stitches carry the pretrained blocks' features through."""
     from reassembly.data import load_dataset
-    from reassembly.evaluate import evaluate
+    from reassembly.train import evaluate
 
     blocks, _ = three
     train, test = load_dataset("cifar10[5:10]", "train"), load_dataset("cifar10[5:10]", "test")
@@ -256,13 +256,21 @@ def test_least_squares_init_beats_the_default_before_any_training(three):
 
 
 # -- the command line and bad input ----------------------------------------------------------------------------------
-def test_stitch_cli_builds_a_network_on_digits(tmp_path):
+def test_stitch_train_and_eval_clis_on_digits(tmp_path):
+    net_dir = tmp_path / "net"
     proc = run("stitch", "--blocks", "resnet20_cifar5:1-4,vgg11_cifar5:2-3", "--data", "digits",
-               "--probe-size", "200", "--out", str(tmp_path / "net"))
+               "--probe-size", "200", "--out", str(net_dir))
     assert "stitch 0" in proc.stdout and "least-squares fit on 200 images" in proc.stdout
-    net = load_net(tmp_path / "net")
+    net = load_net(net_dir)
     assert net.structure.head.num_classes == 10
     assert net.stitches[0].plan.stride == 4  # 32x32 maps into a block trained on 8x8
+    before = float(run("eval", "--model", str(net_dir), "--data", "digits").stdout.split("top-1 ")[1].split("%")[0])
+    assert before > 50  # least squares alone, 10 classes
+    run("train", str(net_dir), "--data", "digits", "--epochs", "1", "--max-per-class", "10", "--no-flip")
+    assert (net_dir / "train-frozen" / "MODEL_CARD.md").is_file()
+    assert "top-1" in run("eval", "--model", str(net_dir / "train-frozen"), "--data", "digits").stdout
+    assert_one_line_error(run("train", str(net_dir), "--data", "digits[0:2]", check_ok=False), "classifies 10",
+                          "has 2")
 
 
 @pytest.mark.parametrize("blocks, needles", [

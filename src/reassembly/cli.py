@@ -250,7 +250,8 @@ def dissect(model_name, checkpoint, pretrained, num_classes, input_size, granula
 
 
 @cli.command("eval")
-@click.option("--model", "model_name", required=True, help="Zoo architecture or pretrained name, or timm:NAME.")
+@click.option("--model", "model_name", required=True,
+              help="Zoo architecture or pretrained name, timm:NAME, or a saved network directory (reassembly stitch).")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
               help="Weights: .safetensors, or a torch file readable with weights_only=True.")
 @click.option("--pretrained", is_flag=True, help="Load the weights shipped with the package.")
@@ -278,6 +279,16 @@ def eval_cmd(model_name, checkpoint, pretrained, data_spec, split, data_root, nu
 
     if pretrained and checkpoint:
         raise click.UsageError("give either --pretrained or --checkpoint, not both")
+    network = None
+    if Path(model_name).is_dir():  # a saved network (reassembly stitch / train): it holds its own weights
+        from .stitch.io import load_net
+
+        if pretrained or checkpoint:
+            raise click.UsageError(f"{model_name} is a saved network with its own weights; drop --pretrained and "
+                                   "--checkpoint")
+        network = load_net(model_name)
+        channels, size = network.structure.input_size[0], network.structure.input_size[1]
+        image_size, channels = image_size or size, channels
     if pretrained:  # read the images the way the shipped model was trained on them unless told otherwise
         from .zoo.pretrained import manifest_entry
 
@@ -288,7 +299,9 @@ def eval_cmd(model_name, checkpoint, pretrained, data_spec, split, data_root, nu
         dataset = dataset.subset(range(min(limit, len(dataset))))
     classes = num_classes or dataset.num_classes
     metadata = {}
-    if pretrained:
+    if network is not None:
+        model = network
+    elif pretrained:
         model = create_model(model_name, pretrained=True)
         metadata = getattr(model, "reassembly_metadata", {})
     else:
@@ -493,6 +506,10 @@ def stitch_cmd(blocks, data_spec, out_dir, init, probe_size, max_per_class, stem
 @click.option("--batch-size", type=int, default=None, help="Global batch size (default 128).")
 @click.option("--max-per-class", type=int, default=None,
               help="Train on this many images per class (one fixed seeded draw), e.g. 1000 for Split-CIFAR.")
+@click.option("--augment/--no-augment", default=True, show_default=True,
+              help="Random crops (4 px padding) during training.")
+@click.option("--flip/--no-flip", default=True, show_default=True,
+              help="Random horizontal flips during training (turn off for digits and other oriented images).")
 @click.option("--block-norm", type=click.Choice(["eval", "train"]), default="eval", show_default=True,
               help="Frozen mode: keep the blocks' batch-norm statistics (eval) or let them update (train, as the "
                    "official code did).")
@@ -500,7 +517,8 @@ def stitch_cmd(blocks, data_spec, out_dir, init, probe_size, max_per_class, stem
 @click.option("--out", default=None, type=click.Path(file_okay=False),
               help="Run directory (default NET/train-MODE); an unfinished run there is resumed.")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Folder holding the datasets.")
-def train_cmd(net_dir, data_spec, mode, epochs, lr, batch_size, max_per_class, block_norm, seed, out, data_root):
+def train_cmd(net_dir, data_spec, mode, epochs, lr, batch_size, max_per_class, augment, flip, block_norm, seed, out,
+              data_root):
     """Train a stitched network (from `reassembly stitch`) on its target task.
 
     AdamW, warm-up then cosine decay, label smoothing 0.1, random crops and flips; a checkpoint after every epoch,
@@ -516,6 +534,7 @@ def train_cmd(net_dir, data_spec, mode, epochs, lr, batch_size, max_per_class, b
 
     updates = {key: value for key, value in (("epochs", epochs), ("lr", lr), ("batch_size", batch_size))
                if value is not None}
+    updates.update(augment=augment, flip=flip)
     try:
         recipe = RECIPE.model_copy(update=updates)
         recipe = type(RECIPE)(**recipe.model_dump())  # validated

@@ -146,9 +146,9 @@ def _distributed() -> tuple[int, int]:
     import os
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
+        from ..train.processes import join_processes
 
-        state = PartialState()
+        state = join_processes()
         return state.process_index, state.num_processes
     return 0, 1
 
@@ -285,7 +285,8 @@ def compute_similarity(
         _all_reduce(accumulator)
     if rank != 0:
         return None
-    run = _write_outputs(out_dir, zoo, chains, accumulator, record, debiased, heatmaps, time.monotonic() - started)
+    run = _write_outputs(out_dir, zoo, chains, accumulator, record, debiased, heatmaps, time.monotonic() - started,
+                         world)
     shutil.rmtree(out_dir / "progress", ignore_errors=True)
     return run
 
@@ -327,7 +328,7 @@ def _all_reduce(accumulator: StreamingCKA) -> None:
 
 
 def _write_outputs(out_dir: Path, zoo: list[ZooMember], chains: dict[str, NodeChain], accumulator: StreamingCKA,
-                   record: dict, debiased: bool, heatmaps: bool, seconds: float) -> SimilarityRun:
+                   record: dict, debiased: bool, heatmaps: bool, seconds: float, processes: int) -> SimilarityRun:
     """Pair matrices and heatmaps first, the index last: a run is finished exactly when its index exists."""
     from .plots import plot_pair
 
@@ -351,6 +352,7 @@ def _write_outputs(out_dir: Path, zoo: list[ZooMember], chains: dict[str, NodeCh
         "settings": record,
         "samples": accumulator.samples,
         "seconds": round(seconds, 2),
+        "processes": processes,
         "points": "point p is the tensor entering chain node p (0: the model input, L: the model output); "
                   "input[i, j] = points[i, j] and output[i, j] = points[i + 1, j + 1]",
         "models": [

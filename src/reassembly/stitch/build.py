@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..data import normalization_of
 from ..errors import ReassemblyError
 from ..graph import NodeChain, dissect
 from .layers import StitchError
@@ -101,15 +102,13 @@ def build_network(blocks: list[SourceBlock], num_classes: int, *, stem: str = "n
                   input_size=None, classes: list[str] | None = None) -> ReassembledNet:
     """Stitch ``blocks`` (in order) into a :class:`ReassembledNet` with a fresh stem and a head for
     ``num_classes``; the input size and normalisation are those of the first block's model."""
-    from ..evaluate import normalization_of
-
     if not blocks:
         raise StitchError("a reassembled network needs at least one block")
     if num_classes < 1:
         raise StitchError(f"the head needs at least one class, not {num_classes}")
     first = blocks[0]
     size = tuple(input_size or first.ref.input_size)
-    mean, std = normalization_of(first.model, getattr(first.model, "reassembly_metadata", None))
+    mean, std = normalization_of(first.model)
     structure = plan_network([b.chain for b in blocks], [(b.ref.start, b.ref.stop) for b in blocks],
                              [b.block for b in blocks], [b.ref for b in blocks], num_classes, stem=stem,
                              token_pool=token_pool, input_size=size, mean=mean, std=std, classes=classes)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..data import normalize
+from ..data import normalization_of, normalize
 from ..graph import tap
 from .layers import Stitch, resize
 from .net import ReassembledNet, Stem
@@ -112,10 +112,8 @@ class _Targets:
         self.blocks, self.images = blocks, images
 
     def __call__(self, k: int, first: int, stop: int) -> torch.Tensor:
-        from ..evaluate import normalization_of
-
         source = self.blocks[k]
-        mean, std = normalization_of(source.model, getattr(source.model, "reassembly_metadata", None))
+        mean, std = normalization_of(source.model)
         x = normalize(self.images[first:stop], mean, std)
         return tap(source.chain, x, [source.ref.start], pool=False)[source.ref.start]
 

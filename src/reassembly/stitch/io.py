@@ -83,6 +83,6 @@ def load_net(directory: str | Path) -> ReassembledNet:
         raise StitchError(f"{directory / STRUCTURE} is malformed ({type(exc).__name__}: {exc})") from None
     blocks = [rebuild_block(ref).block for ref in structure.blocks]
     net = ReassembledNet(structure, blocks)
-    load_into(net, weights, model_name=f"the network in {directory}")
+    load_into(net, weights, model_name=f"network {directory}")
     net.eval()
     return net

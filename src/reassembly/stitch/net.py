@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data import set_normalization
 from ..graph import NodeChain
 from ..graph.taps import point_format
 from .layers import (
@@ -236,7 +237,7 @@ class ReassembledNet(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.stitches = nn.ModuleList(Stitch(plan) for plan in structure.stitches)
         self.head = Head(structure.head)
-        self.input_normalization = {"mean": list(structure.mean), "std": list(structure.std)}
+        set_normalization(self, structure.mean, structure.std)
         self.block_norm = "train"  # batch-norm mode of the blocks when the network trains
         self.blocks_frozen = False
 

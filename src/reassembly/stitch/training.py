@@ -53,8 +53,8 @@ def train_network(net_dir: str | Path, data: str, mode: str = "frozen", *, recip
         net.freeze_blocks(norm=block_norm)
     metadata = {"network": str(net_dir), "blocks": net.specs, "mode": mode, "block_norm": block_norm,
                 "data": train_set.name, "train_images": len(train_set)}
-    summary = train_classifier(net, train_set, test_set, recipe, out, seed=seed, mean=net.structure.mean,
-                               std=net.structure.std, metadata=metadata, progress=progress, stop_after=stop_after)
+    summary = train_classifier(net, train_set, test_set, recipe, out, seed=seed, metadata=metadata,
+                               progress=progress, stop_after=stop_after)
     if summary["epochs"] == recipe.epochs:
         info = {**record.get("info", {}), "trained": {**metadata, "seed": seed, "recipe": recipe.model_dump(),
                                                       "final": summary["final"]}}
