@@ -287,8 +287,8 @@ def eval_cmd(model_name, checkpoint, pretrained, data_spec, split, data_root, nu
             raise click.UsageError(f"{model_name} is a saved network with its own weights; drop --pretrained and "
                                    "--checkpoint")
         network = load_net(model_name)
-        channels, size = network.structure.input_size[0], network.structure.input_size[1]
-        image_size, channels = image_size or size, channels
+        size = network.structure.input_size
+        image_size, channels = image_size or size[1], channels or size[0]
     if pretrained:  # read the images the way the shipped model was trained on them unless told otherwise
         from .zoo.pretrained import manifest_entry
 
