@@ -39,6 +39,9 @@ demo: setup data
 	$(BIN)/reassembly eval --model cifar_resnet32 --checkpoint $(AKAMASTER)/resnet32-d509ac18.th --data cifar10 --split test
 	$(BIN)/reassembly similarity --zoo split-cifar --data 'cifar10[0:5]' --probe-size 500 --out runs/demo/similarity
 	$(BIN)/reassembly partition runs/demo/similarity --k 4
+	$(BIN)/reassembly stitch --blocks 'resnet20_cifar5:1-4,mobilenext_cifar5:3-9,vit_cifar5:4-7' \
+		--data 'cifar10[5:10]' --max-per-class 1000 --out runs/demo/net --overwrite
+	$(BIN)/reassembly eval --model runs/demo/net --data 'cifar10[5:10]'
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

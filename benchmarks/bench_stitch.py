@@ -2,8 +2,8 @@
 
 Latency: the reassembled network's forward pass against the sum of its blocks' forward passes, each block run alone
 on the very tensor that reaches it inside the network (so the ratio is what the stem, the stitches, the head and
-the composition add). Rounds alternate the network and the blocks; the summary gives the median ratio over rounds
-and the fastest network time over the fastest block sum. The target is at most 1.1.
+the composition add). Single passes of the network and of the blocks alternate; the summary gives the median of
+the paired ratios and the fastest network pass over the fastest block sum. The target is at most 1.1.
 
 Accuracy before training, on the full test split of the target: the same network with
   * ``least-squares``: stem, stitches and head fitted in closed form on ``--probe-size`` training images;
@@ -43,28 +43,30 @@ def block_inputs(net, x: torch.Tensor) -> list[torch.Tensor]:
     return inputs
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
+def once(fn) -> float:
     start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats
+    fn()
+    return time.perf_counter() - start
 
 
-def latency(net, batch: int, rounds: int, repeats: int) -> dict:
+def latency(net, batch: int, pairs: int) -> dict:
+    """Time the network and its blocks alone in alternation, one forward pass each per pair: on a shared machine
+    the speed of identical work drifts, and adjacent passes see the same drift."""
     net.eval()
     x = torch.randn(batch, *net.structure.input_size)
     inputs = block_inputs(net, x)
-    ratios, whole, parts = [], [], []
+    whole, parts = [], []
     with torch.no_grad():
-        for _ in range(rounds):
-            t_net = timed(lambda: net(x), repeats)
-            t_blocks = sum(timed(lambda b=b, i=i: b(i), repeats) for b, i in zip(net.blocks, inputs))
-            ratios.append(t_net / t_blocks)
-            whole.append(t_net)
-            parts.append(t_blocks)
-            print(f"  round {len(ratios)}: network {1e3 * t_net:7.2f} ms, blocks alone {1e3 * t_blocks:7.2f} ms: "
-                  f"ratio {ratios[-1]:.3f}")
+        for _ in range(3):  # warm-up
+            net(x)
+            for block, tensor in zip(net.blocks, inputs):
+                block(tensor)
+        for _ in range(pairs):
+            whole.append(once(lambda: net(x)))
+            parts.append(sum(once(lambda b=b, t=t: b(t)) for b, t in zip(net.blocks, inputs)))
+    ratios = [w / p for w, p in zip(whole, parts)]
+    print(f"  network: median {1e3 * statistics.median(whole):.2f} ms, fastest {1e3 * min(whole):.2f} ms; "
+          f"blocks alone: median {1e3 * statistics.median(parts):.2f} ms, fastest {1e3 * min(parts):.2f} ms")
     return {"median": statistics.median(ratios), "fastest": min(whole) / min(parts)}
 
 
@@ -94,8 +96,7 @@ def main() -> None:
     parser.add_argument("--probe-size", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--pairs", type=int, default=50, help="alternating network / blocks timings")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
@@ -105,9 +106,9 @@ def main() -> None:
     print(f"network {args.blocks}: {count_params(net):,} parameters, "
           f"{count_macs(net, net.structure.input_size):,} MACs; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
-    print(f"latency at batch {args.batch} ({args.repeats} passes per timing):")
-    result = latency(net, args.batch, args.rounds, args.repeats)
-    print(f"network / blocks alone: median of rounds {result['median']:.3f}, fastest / fastest "
+    print(f"latency at batch {args.batch}, {args.pairs} alternating passes:")
+    result = latency(net, args.batch, args.pairs)
+    print(f"network / blocks alone: median of paired ratios {result['median']:.3f}, fastest / fastest "
           f"{result['fastest']:.3f} (target <= 1.1)")
     print(f"top-1 before any training ({args.probe_size} probe images, seed {args.seed}):")
     accuracy_before_training(args.blocks, args.data, args.probe_size, args.seed)

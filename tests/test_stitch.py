@@ -313,6 +313,12 @@ def test_a_corrupt_weights_file_is_refused(saved):
         load_net(saved)
 
 
+def test_eval_of_a_network_with_corrupt_weights_fails_in_one_line(saved):
+    (saved / "model.safetensors").write_bytes(b"\x00" * 64)
+    assert_one_line_error(run("eval", "--model", str(saved), "--data", "digits", check_ok=False),
+                          "model.safetensors is not the weights file")
+
+
 def test_a_structure_whose_chain_changed_is_refused(saved):
     record = json.loads((saved / "structure.json").read_text())
     record["blocks"][1]["fingerprint"] = "0" * 16
