@@ -2,6 +2,7 @@
 orders, forward/backward of both networks, genotype JSON, and the resumable search and train drivers."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -21,8 +22,11 @@ from reassembly.nas import (
     count_parameters,
     derive_genotype,
     load_genotype,
+    load_network,
     make_operation,
     parse_cell,
+    search,
+    train,
 )
 from reassembly.zoo.models.mobilenext import SandGlass
 
@@ -276,3 +280,58 @@ def test_unreadable_and_unknown_genotypes(tmp_path):
         load_genotype(tmp_path / "bad.json")
     with pytest.raises(GenotypeError, match="not one of DARTS_V1, DARTS_V2"):
         load_genotype("DARTS_V3")
+
+
+# --- the drivers ----------------------------------------------------------------------------------------------------
+
+SEARCH = {"space": "extend", "epochs": 2, "cells": 3, "channels": 4, "subset": 32, "batch_size": 8, "seed": 1}
+
+
+def test_search_writes_history_and_genotype_and_resumes_exactly(tmp_path):
+    data = tiny_images()
+    straight = search(data, tmp_path / "straight", progress=False, **SEARCH)
+    part = search(data, tmp_path / "split", progress=False, stop_after=1, **SEARCH)
+    assert part["epochs"] == 1 and not (tmp_path / "split" / "genotype.json").exists()
+    search(data, tmp_path / "split", progress=False, **SEARCH)
+    a = torch.load(tmp_path / "straight" / "state.pt", weights_only=True)["network"]
+    b = torch.load(tmp_path / "split" / "state.pt", weights_only=True)["network"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    history = json.loads((tmp_path / "straight" / "alphas.json").read_text())
+    assert [e["epoch"] for e in history["history"]] == [0, 1, 2] and len(history["primitives"]) == 10
+    assert torch.tensor(history["history"][2]["normal"]).shape == (14, 10)
+    genotype = load_genotype(tmp_path / "straight" / "genotype.json")
+    assert genotype.to_dict() == straight["genotype"] == history["history"][2]["genotype"]
+    assert len((tmp_path / "straight" / "log.jsonl").read_text().splitlines()) == 2
+
+
+def test_second_order_search_runs(tmp_path):
+    settings = {**SEARCH, "epochs": 1, "order": "second", "subset": 16}
+    summary = search(tiny_images(), tmp_path / "run", progress=False, **settings)
+    assert summary["epochs"] == 1 and "genotype" in summary
+
+
+def test_search_refuses_other_settings_and_bad_sizes(tmp_path):
+    data = tiny_images()
+    search(data, tmp_path / "run", progress=False, stop_after=1, **SEARCH)
+    with pytest.raises(ReassemblyError, match="other settings"):
+        search(data, tmp_path / "run", progress=False, **{**SEARCH, "channels": 6})
+    for key, value, needle in (("epochs", 0, "--epochs must be positive"), ("cells", 2, "--cells must be at least 3"),
+                               ("subset", 10, "fewer than one batch"), ("space", "dartz", "unknown search space"),
+                               ("order", "third", "--order must be first or second")):
+        with pytest.raises(ReassemblyError, match=needle):
+            search(data, tmp_path / "other", progress=False, **{**SEARCH, key: value})
+
+
+def test_train_builds_trains_and_reloads_the_network(tmp_path):
+    data = tiny_images()
+    result = train("DARTS_V2", data, tmp_path / "run", test_data=data, cells=3, channels=4, epochs=2, batch_size=16,
+                   drop_path=0.1, progress=False)
+    assert result["epochs"] == 2 and result["parameters"] > 0 and "test_top1" in result["final"]
+    network = load_network(tmp_path / "run")
+    assert count_parameters(network) == result["parameters"] and network.steps_seen.item() == 2 * 6
+    structure = json.loads((tmp_path / "run" / "network.json").read_text())
+    assert structure["genotype"] == DARTS_V2.to_dict() and structure["cells"] == 3
+    with pytest.raises(ReassemblyError, match="another network"):
+        train("DARTS_V1", data, tmp_path / "run", cells=3, channels=4, epochs=2, batch_size=16, progress=False)
+    with pytest.raises(ReassemblyError, match="--channels must be positive"):
+        train("DARTS_V1", data, tmp_path / "other", channels=0, progress=False)

@@ -2,9 +2,9 @@
 
 Two stages, each a function, a CLI verb and a run directory:
 
-* ``search`` (``reassembly nas search``) reads a dataset's training split and writes ``genotype.json`` (the
+* :func:`search` (``reassembly nas search``) reads a dataset's training split and writes ``genotype.json`` (the
   derived cells), ``alphas.json`` (the architecture weights after every epoch) and per-epoch checkpoints.
-* ``train`` (``reassembly nas train``) reads a genotype (``genotype.json`` or a name like ``DARTS_V2``) and
+* :func:`train` (``reassembly nas train``) reads a genotype (``genotype.json`` or a name like ``DARTS_V2``) and
   writes a trained evaluation network (``network.json`` + ``final.safetensors``) with its training log.
 
 The candidate operations are DARTS's eight plus the sandglass operations ``sg_3x3`` and ``sg_5x5``, built from the
@@ -27,8 +27,10 @@ from .genotypes import (
 )
 from .network import NetworkCIFAR, count_parameters
 from .operations import OPERATIONS, SEARCH_SPACES, make_operation, search_space
+from .search import SearchSettings, search
 from .search_network import SearchNetwork
+from .training import load_network, train
 
 __all__ = ["DARTS_V1", "DARTS_V2", "GENOTYPES", "OPERATIONS", "SEARCH_SPACES", "Architect", "Genotype",
-           "GenotypeError", "NetworkCIFAR", "SearchNetwork", "count_parameters", "derive_genotype",
-           "load_genotype", "make_operation", "parse_cell", "search_space"]
+           "GenotypeError", "NetworkCIFAR", "SearchNetwork", "SearchSettings", "count_parameters", "derive_genotype",
+           "load_genotype", "load_network", "make_operation", "parse_cell", "search", "search_space", "train"]
