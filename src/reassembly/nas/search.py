@@ -22,10 +22,14 @@ Writes into the run directory ``out``:
 * ``genotype.json`` and ``summary.json`` when the last epoch is done; ``genotype.json`` is what
   ``reassembly nas train`` takes.
 
-Default sizes, for 2 CPU cores: 5 cells, C = 8, 10,000 images (5,000 + 5,000), batch 64, 10 epochs, first order.
-The first-order ``darts`` search takes about 2.5 minutes per epoch on this project's shared 2-core CPU, 25 minutes
-in all; ``extend`` (10 operations) costs about 1.3x that, and second order about 3x. DARTS's own setting is 8 cells,
-C = 16, 50,000 images, 50 epochs (``cells=8, channels=16, subset=50000, epochs=50``): about a GPU-day.
+Default sizes, for 2 CPU cores: 5 cells, C = 8, 3,000 images (1,500 + 1,500), batch 32, 8 epochs, first order:
+46 steps per epoch, 368 alpha and 368 weight updates. Measured on this project's shared 2-core CPU with one thread
+(smoke runs of 10 steps on CIFAR-10): about 3.6 s of CPU per step for ``darts`` and 5 s for ``extend``, so a whole
+search takes about 25 minutes (``darts``) and 35 minutes (``extend``), more in wall time when the machine is busy;
+second order costs about 2.3x. On a busy machine use one thread (``--threads 1``): two threads competing with other
+processes ran several times slower. With so few steps alpha's Adam learning rate is 3e-3, ten times DARTS's 3e-4
+(DARTS takes about 20,000 steps), so that the operation weights can move at all. DARTS's own setting is
+``cells=8, channels=16, subset=50000, batch_size=64, epochs=50, arch_lr=3e-4``: about a GPU-day.
 """
 
 from __future__ import annotations
