@@ -3,6 +3,8 @@ orders, forward/backward of both networks, genotype JSON, and the resumable sear
 
 import dataclasses
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -29,6 +31,8 @@ from reassembly.nas import (
     train,
 )
 from reassembly.zoo.models.mobilenext import SandGlass
+
+from .test_cli import assert_one_line_error
 
 
 def with_sandglass(genotype: Genotype, reduction: int) -> Genotype:
@@ -335,3 +339,51 @@ def test_train_builds_trains_and_reloads_the_network(tmp_path):
         train("DARTS_V1", data, tmp_path / "run", cells=3, channels=4, epochs=2, batch_size=16, progress=False)
     with pytest.raises(ReassemblyError, match="--channels must be positive"):
         train("DARTS_V1", data, tmp_path / "other", channels=0, progress=False)
+
+
+# --- the command line -----------------------------------------------------------------------------------------------
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "reassembly", "nas", *args], capture_output=True, text=True,
+                          timeout=300, check=False)
+
+
+@pytest.mark.parametrize("verb", [[], ["search"], ["train"], ["show"]])
+def test_nas_verbs_have_help(verb):
+    out = cli(*verb, "--help").stdout
+    assert "Usage:" in out and len(out.splitlines()) > 5
+
+
+def test_nas_show_prints_the_published_count():
+    proc = cli("show", "DARTS_V2")
+    assert proc.returncode == 0, proc.stderr
+    assert "3,349,342 parameters" in proc.stdout and "dil_conv_3x3(2)" in proc.stdout
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["search", "--space", "sandglass", "--out", "X"], ["unknown search space 'sandglass'", "extend"]),
+    (["search", "--epochs", "0", "--out", "X"], ["--epochs must be positive"]),
+    (["search", "--channels", "-4", "--out", "X"], ["--channels must be positive"]),
+    (["train", "DARTS_V9", "--out", "X"], ["unknown genotype 'DARTS_V9'"]),
+    (["train", "DARTS_V2", "--cells", "0", "--out", "X"], ["--cells must be positive"]),
+    (["show", "DARTS_V2", "--channels", "0"], ["--channels must be positive"]),
+])
+def test_nas_bad_input_is_one_line(tmp_path, args, needles):
+    args = [str(tmp_path / "out") if a == "X" else a for a in args]
+    assert_one_line_error(cli(*args), *needles)
+
+
+def test_nas_train_names_the_broken_key(tmp_path):
+    path = tmp_path / "genotype.json"
+    path.write_text(json.dumps({k: v for k, v in DARTS_V2.to_dict().items() if k != "normal_concat"}))
+    assert_one_line_error(cli("train", str(path), "--out", str(tmp_path / "out")), "key 'normal_concat' is missing",
+                          str(path))
+
+
+def test_nas_search_on_a_real_dataset_and_its_run_directory(tmp_path):
+    args = ["search", "--data", "digits", "--out", str(tmp_path / "run"), "--epochs", "1", "--cells", "3",
+            "--subset", "32", "--batch-size", "16", "--space", "extend", "--threads", "1"]
+    first = cli(*args, "--channels", "4")
+    assert first.returncode == 0, first.stderr
+    assert "wrote" in first.stdout and (tmp_path / "run" / "genotype.json").is_file()
+    assert_one_line_error(cli(*args, "--channels", "6"), "holds a search with other settings", "resume")
