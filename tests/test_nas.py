@@ -116,7 +116,7 @@ def test_search_network_has_14_edges_of_alphas_per_cell_type(space, ops):
 
 
 def test_search_network_forward_and_backward():
-    network = SearchNetwork(channels=8, num_classes=10, cells=5, space="extend")
+    network = SearchNetwork(channels=16, num_classes=10, cells=8, space="extend")
     logits = network(torch.randn(2, 3, 32, 32))
     assert logits.shape == (2, 10)
     F.cross_entropy(logits, torch.tensor([1, 7])).backward()
@@ -225,9 +225,10 @@ def test_second_order_gradient_matches_the_unrolled_objective(small_search):
 
 # --- the evaluation network -----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("genotype", [DARTS_V2, with_sandglass(DARTS_V2, 2)], ids=["darts_v2", "sandglass"])
-def test_evaluation_network_forward_and_backward(genotype):
-    network = NetworkCIFAR(genotype, channels=16, num_classes=10, cells=8, auxiliary=True, drop_path=0.2)
+@pytest.mark.parametrize("genotype, cells, channels", [(DARTS_V2, 20, 36), (with_sandglass(DARTS_V2, 2), 8, 16)],
+                         ids=["darts_v2", "sandglass"])
+def test_evaluation_network_forward_and_backward(genotype, cells, channels):
+    network = NetworkCIFAR(genotype, channels=channels, num_classes=10, cells=cells, auxiliary=True, drop_path=0.2)
     logits, auxiliary = network.forward_with_auxiliary(torch.randn(2, 3, 32, 32))
     assert logits.shape == auxiliary.shape == (2, 10)
     (F.cross_entropy(logits, torch.tensor([3, 4])) + 0.4 * F.cross_entropy(auxiliary, torch.tensor([3, 4]))).backward()
