@@ -342,6 +342,16 @@ def test_train_builds_trains_and_reloads_the_network(tmp_path):
         train("DARTS_V1", data, tmp_path / "other", channels=0, progress=False)
 
 
+def test_train_resumes_exactly_drop_path_ramp_included(tmp_path):
+    data = tiny_images(n=48)
+    settings = {"cells": 3, "channels": 4, "epochs": 2, "batch_size": 16, "drop_path": 0.2, "progress": False}
+    train(DARTS_V1, data, tmp_path / "straight", **settings)
+    assert train(DARTS_V1, data, tmp_path / "split", stop_after=1, **settings)["epochs"] == 1
+    train(DARTS_V1, data, tmp_path / "split", **settings)
+    a, b = load_network(tmp_path / "straight").state_dict(), load_network(tmp_path / "split").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a) and a["steps_seen"].item() == 6
+
+
 # --- the command line -----------------------------------------------------------------------------------------------
 
 def cli(*args):
