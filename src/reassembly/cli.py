@@ -580,6 +580,165 @@ def describe_net(net) -> str:
            f"{'x'.join(map(str, structure.input_size))}"
 
 
+@cli.group()
+def nas():
+    """DARTS architecture search with sandglass operations (docs/nas.md).
+
+    A search trains a small network whose cell edges hold a softmax-weighted mixture of every candidate operation,
+    alternating weight updates on one half of the training images with updates of the mixture weights (alpha) on
+    the other half. The strongest operations then form a discrete cell, the genotype, and `nas train` trains a
+    network stacked from that cell from scratch. The candidate operations are DARTS's eight (none, max/avg pool,
+    skip, separable and dilated convs) and, in the `extend` space, the sandglass operations sg_3x3 and sg_5x5.
+
+    \b
+    reassembly nas search --space darts  --data cifar10 --out runs/nas/darts
+    reassembly nas search --space extend --data cifar10 --out runs/nas/extend
+    reassembly nas train runs/nas/extend/genotype.json --data cifar10 --out runs/nas/extend-train
+    reassembly nas show DARTS_V2 --cells 20 --channels 36      the published cell: 3,349,342 parameters
+    """
+
+
+@nas.command("search")
+@click.option("--space", default="darts", show_default=True,
+              help="Candidate operations: darts (DARTS's 8), extend (those + sg_3x3, sg_5x5: 10), replace (separable "
+                   "convs swapped for sandglass ops of the same kernel: 8).")
+@click.option("--data", "data_spec", default="cifar10", show_default=True,
+              help="Dataset whose training split is searched on (the test split is never read), e.g. cifar10.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Run directory; running the same command again resumes after the last finished epoch.")
+@click.option("--epochs", type=int, default=8, show_default=True, help="Search epochs (DARTS: 50).")
+@click.option("--cells", type=int, default=5, show_default=True,
+              help="Cells of the search network; the ones at 1/3 and 2/3 of the depth reduce (DARTS: 8).")
+@click.option("--channels", type=int, default=8, show_default=True, help="C, the first cells' width (DARTS: 16).")
+@click.option("--subset", type=int, default=3_000, show_default=True,
+              help="Training images drawn (with --seed); half train the weights, half the architecture "
+                   "(DARTS: all 50,000).")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Images per step and half (DARTS: 64).")
+@click.option("--order", default="first", show_default=True,
+              help="first: alpha follows the validation gradient at the current weights; second: after a virtual "
+                   "weight step (DARTS's unrolled update, about 3x the cost).")
+@click.option("--sg-reduction", type=int, default=2, show_default=True,
+              help="t of the sandglass operations: their hidden width is C // t.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the image draw, init and data order.")
+@click.option("--lr", type=float, default=0.025, show_default=True, help="Weights' learning rate (cosine to 0.001).")
+@click.option("--arch-lr", type=float, default=3e-3, show_default=True,
+              help="Adam learning rate of alpha (DARTS: 3e-4 over about 20,000 steps; raised tenfold for the few "
+                   "hundred steps of a CPU search, so that alpha can move at all).")
+@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+@click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Folder holding the datasets.")
+def nas_search(space, data_spec, out_dir, epochs, cells, channels, subset, batch_size, order, sg_reduction, seed, lr,
+               arch_lr, threads, data_root):
+    """Search a normal and a reduction cell with DARTS; writes OUT/genotype.json for `nas train`.
+
+    Also written: alphas.json (the operation weights of both cell types after every epoch), log.jsonl (losses,
+    accuracy on the architecture half, seconds per epoch) and state.pt (a checkpoint after every epoch). The
+    defaults are sized for a 2-core CPU (about 25 minutes for darts, first order); DARTS's own search is
+    --cells 8 --channels 16 --subset 50000 --epochs 50 (a GPU-day).
+
+    \b
+    reassembly nas search --space extend --data cifar10 --out runs/nas/extend --epochs 10
+    reassembly nas search --space darts --order second --out runs/nas/darts-2nd
+    """
+    import torch
+
+    from .nas import search
+
+    if threads:
+        torch.set_num_threads(threads)
+    summary = search(data_spec, out_dir, space=space, epochs=epochs, cells=cells, channels=channels, subset=subset,
+                     batch_size=batch_size, order=order, sg_reduction=sg_reduction, seed=seed, lr=lr,
+                     arch_lr=arch_lr, data_root=data_root, progress=sys.stderr.isatty())
+    final = summary["final"]
+    click.echo(f"epoch {summary['epochs']}/{epochs}: architecture-half top-1 {final['val_top1']:.2f} %, "
+               f"{summary['search_parameters']:,} search-network weights")
+    if "genotype" in summary:
+        from .nas import Genotype
+
+        click.echo(Genotype.from_dict(summary["genotype"]).describe())
+        click.echo(f"wrote {Path(out_dir) / 'genotype.json'} and {Path(out_dir) / 'alphas.json'} "
+                   f"({summary['seconds']:.0f} s of search)")
+
+
+@nas.command("train")
+@click.argument("genotype", metavar="GENOTYPE")
+@click.option("--data", "data_spec", default="cifar10", show_default=True,
+              help="Dataset: trained on its train split, evaluated on its test split after every epoch.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Run directory; running the same command again resumes an unfinished run.")
+@click.option("--epochs", type=int, default=10, show_default=True, help="Training epochs (DARTS: 600).")
+@click.option("--cells", type=int, default=8, show_default=True, help="Cells of the network (DARTS: 20).")
+@click.option("--channels", type=int, default=16, show_default=True, help="C, the first cells' width (DARTS: 36).")
+@click.option("--batch-size", type=int, default=96, show_default=True)
+@click.option("--lr", type=float, default=0.025, show_default=True, help="SGD learning rate (cosine to 0).")
+@click.option("--drop-path", type=float, default=0.0, show_default=True,
+              help="Drop-path probability, reached linearly by the end of the run (DARTS: 0.2 over 600 epochs).")
+@click.option("--subset", type=int, default=10_000, show_default=True,
+              help="Train on at most this many training images, a fixed seeded draw (50000: all of CIFAR-10, as DARTS).")
+@click.option("--sg-reduction", type=int, default=None,
+              help="Override the genotype's sandglass t (default: the genotype's, 2 unless it says otherwise).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--channels-last/--no-channels-last", default=True, show_default=True,
+              help="NHWC memory layout (on CPU about 1.7x faster for these depthwise and dilated convs).")
+@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+@click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Folder holding the datasets.")
+def nas_train(genotype, data_spec, out_dir, epochs, cells, channels, batch_size, lr, drop_path, subset, sg_reduction,
+              seed, channels_last, threads, data_root):
+    """Train the network of GENOTYPE from scratch: a genotype.json from `nas search`, or DARTS_V1 / DARTS_V2.
+
+    DARTS's evaluation recipe at a small scale: SGD with momentum 0.9, cosine learning rate, weight decay 3e-4,
+    gradient clipping at 5, random crops and flips. It runs through the shared training loop (accelerate: CPU, one or
+    many GPUs), with a checkpoint after every epoch; OUT ends up holding network.json and final.safetensors.
+    The defaults (8 cells, C = 16, 10 epochs on 10,000 images) take about 50 minutes on a 2-core CPU; DARTS's
+    setting is --cells 20 --channels 36 --epochs 600 --subset 50000 --drop-path 0.2. Not done here: cutout and the
+    auxiliary head's loss (see docs/nas.md).
+
+    \b
+    reassembly nas train runs/nas/extend/genotype.json --data cifar10 --out runs/nas/extend-train
+    reassembly nas train DARTS_V2 --data cifar10 --out runs/nas/darts-v2 --epochs 20
+    """
+    import torch
+
+    from .nas import train
+
+    if threads:
+        torch.set_num_threads(threads)
+    result = train(genotype, data_spec, out_dir, cells=cells, channels=channels, epochs=epochs, batch_size=batch_size,
+                   lr=lr, drop_path=drop_path, subset=subset, seed=seed, sg_reduction=sg_reduction,
+                   data_root=data_root, progress=sys.stderr.isatty(), channels_last=channels_last)
+    final = result["final"]
+    click.echo(f"{result['parameters']:,} parameters; epoch {final.get('epoch', 0)}/{epochs}: train loss "
+               f"{final.get('train_loss', float('nan')):.3f}, test top-1 {final.get('test_top1', float('nan')):.2f} %")
+    click.echo(f"wrote {result['out']}")
+
+
+@nas.command("show")
+@click.argument("genotype", metavar="GENOTYPE")
+@click.option("--cells", type=int, default=20, show_default=True, help="Cells of the evaluation network.")
+@click.option("--channels", type=int, default=36, show_default=True, help="C of the evaluation network.")
+@click.option("--num-classes", type=int, default=10, show_default=True)
+@click.option("--sg-reduction", type=int, default=None, help="Override the genotype's sandglass t.")
+@click.option("--macs", is_flag=True, help="Also count MACs at 3x32x32 (about 15 s for 20 cells).")
+def nas_show(genotype, cells, channels, num_classes, sg_reduction, macs):
+    """Print a genotype's cells and the parameters of its evaluation network (auxiliary head excluded).
+
+    \b
+    reassembly nas show DARTS_V2                      3,349,342 parameters at 20 cells, C = 36
+    reassembly nas show runs/nas/extend/genotype.json --cells 8 --channels 16 --macs
+    """
+    from .measure import count_macs
+    from .nas import NetworkCIFAR, count_parameters, load_genotype
+
+    for name, value in (("cells", cells), ("channels", channels), ("num-classes", num_classes),
+                        ("sg-reduction", sg_reduction)):
+        if value is not None and value < 1:
+            raise ReassemblyError(f"--{name} must be positive, got {value}")
+    cell = load_genotype(genotype)
+    network = NetworkCIFAR(cell, channels, num_classes, cells, sg_reduction=sg_reduction)
+    click.echo(cell.describe())
+    cost = f", {count_macs(network.eval(), (3, 32, 32)):,} MACs at 3x32x32" if macs else ""
+    click.echo(f"{count_parameters(network):,} parameters{cost} ({cells} cells, C = {channels}, {num_classes} classes)")
+
+
 def main() -> None:
     cli(prog_name="reassembly")
 

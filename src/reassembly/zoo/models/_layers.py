@@ -19,12 +19,15 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None)
 
 
 class ConvBNAct(nn.Sequential):
-    """Conv (no bias) -> BatchNorm -> optional activation; ``act=None`` keeps the output linear."""
+    """Conv (no bias) -> BatchNorm -> optional activation; ``act=None`` keeps the output linear.
 
-    def __init__(self, cin, cout, kernel_size=3, stride=1, groups=1, act: type[nn.Module] | None = nn.ReLU6):
+    ``affine=False`` gives the batch norm no scale and shift (as DARTS's search-time operations have)."""
+
+    def __init__(self, cin, cout, kernel_size=3, stride=1, groups=1, act: type[nn.Module] | None = nn.ReLU6,
+                 affine: bool = True):
         layers = [
             nn.Conv2d(cin, cout, kernel_size, stride, (kernel_size - 1) // 2, groups=groups, bias=False),
-            nn.BatchNorm2d(cout),
+            nn.BatchNorm2d(cout, affine=affine),
         ]
         if act is not None:
             layers.append(act(inplace=True))

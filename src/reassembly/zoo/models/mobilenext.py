@@ -25,7 +25,8 @@ class SandGlass(nn.Module):
     The shortcut joins the wide tensors. ``identity_ratio`` (the paper's alpha) adds the shortcut to the first
     ``int(alpha * C)`` channels only; it is written with split/cat, never in place, so that autograd, export and
     dependency-graph pruning see an ordinary graph. ``drop_first_dw``/``drop_last_dw`` give the official code's
-    transition-block shapes.
+    transition-block shapes. ``affine=False`` takes the scale and shift out of every batch norm (the block as a
+    DARTS search-time operation, ``reassembly.nas``).
     """
 
     def __init__(
@@ -40,6 +41,7 @@ class SandGlass(nn.Module):
         shortcut: bool | None = None,
         drop_first_dw: bool = False,
         drop_last_dw: bool = False,
+        affine: bool = True,
     ):
         super().__init__()
         if drop_last_dw and stride != 1:
@@ -49,11 +51,12 @@ class SandGlass(nn.Module):
         hidden = in_channels // reduction if hidden is None else hidden
         layers: list[nn.Module] = []
         if not drop_first_dw:
-            layers.append(ConvBNAct(in_channels, in_channels, kernel_size, 1, groups=in_channels))
-        layers.append(ConvBNAct(in_channels, hidden, 1, act=None))
-        layers.append(ConvBNAct(hidden, out_channels, 1))
+            layers.append(ConvBNAct(in_channels, in_channels, kernel_size, 1, groups=in_channels, affine=affine))
+        layers.append(ConvBNAct(in_channels, hidden, 1, act=None, affine=affine))
+        layers.append(ConvBNAct(hidden, out_channels, 1, affine=affine))
         if not drop_last_dw:
-            layers.append(ConvBNAct(out_channels, out_channels, kernel_size, stride, groups=out_channels, act=None))
+            layers.append(ConvBNAct(out_channels, out_channels, kernel_size, stride, groups=out_channels, act=None,
+                                    affine=affine))
         self.conv = nn.Sequential(*layers)
         can_add = stride == 1 and in_channels == out_channels
         self.use_shortcut = can_add if shortcut is None else shortcut
