@@ -1,20 +1,38 @@
-"""Reassembly search: budgets, the exact 0-1 program against brute force, top-k enumeration, infeasible budgets."""
+"""Reassembly search: budgets, the exact 0-1 program against brute force, top-k enumeration, infeasible budgets, the
+search space of the shipped partition (compatibility rules, exact costs) and the proxies."""
 
+import json
+import math
 import random
 
 import pytest
+import torch
 
+from reassembly.measure import count_macs, count_params
 from reassembly.search import (
     Budget,
     BudgetError,
+    ProxyError,
     brute_force,
+    build_space,
     enumerate_top,
+    get_proxy,
+    load_source,
     parse_count,
     parse_latency,
     prune,
     random_problem,
+    register_proxy,
+    target_batches,
 )
 from reassembly.search.program import best_path
+from reassembly.search.proxies import PROXIES
+from reassembly.search.terms import SourceNet, normalised
+from reassembly.stitch import build_network
+
+from .conftest import REPO
+
+PARTITION = REPO / "results" / "split-cifar" / "partition.json"
 
 
 # -- budgets ---------------------------------------------------------------------------------------------------------
@@ -136,3 +154,149 @@ def test_a_problem_with_no_compatible_network_says_why():
     problem.reasons[(1, 0, 0)] = "m0:1 -> m0:2: made incompatible by the test"
     with pytest.raises(BudgetError, match="made incompatible by the test"):
         enumerate_top(problem, Budget(max_params=10**9))
+
+
+# -- the search space of the shipped partition ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def zoo():
+    record = json.loads(PARTITION.read_text())
+    sources = {model["name"]: load_source(model["name"]) for model in record["models"]}
+    return record, sources
+
+
+@pytest.fixture(scope="module")
+def spaces(zoo):
+    record, sources = zoo
+    return {order: build_space(record, sources, num_classes=5, order=order) for order in ("dery", "any")}
+
+
+def test_the_program_counts_parameters_and_macs_exactly_as_the_assembled_network(spaces):
+    for order, space in spaces.items():
+        problem = space.problem
+        feasible = brute_force(problem)
+        assert feasible, order
+        for _, choice in random.Random(0).sample(feasible, 4):
+            net = build_network(space.source_blocks(choice), num_classes=5)
+            predicted = problem.costs(choice)
+            assert (predicted["params"], predicted["macs"]) == (count_params(net), count_macs(net, (3, 32, 32)))
+
+
+def test_compatibility_rules_of_the_shipped_partition(spaces):
+    dery, anything = spaces["dery"], spaces["any"]
+    first = [c.spec for c in dery.candidates[0]]
+    vit = first.index("vit_cifar5:1-3")
+    assert not dery.problem.usable[0][vit] and "order rule" in dery.problem.unusable[(0, vit)]
+    assert anything.problem.usable[0][vit]  # our stem can make tokens
+    # a transformer block before a CNN block: only with --order any
+    ordered = [(k, a, b) for (k, a, b), reason in dery.problem.reasons.items() if "order rule" in reason]
+    assert ordered and all(dery.candidates[k][a].tokens_out and dery.candidates[k + 1][b].input.is_map
+                           for k, a, b in ordered)
+    assert any(anything.problem.allowed[k][a, b] for k, a, b in ordered)
+    # a block is never fed a smaller map than it was trained on
+    vgg = [c.spec for c in dery.candidates[0]].index("vgg11_cifar5:1-2")
+    resnet = [c.spec for c in dery.candidates[1]].index("resnet20_cifar5:4-6")
+    assert not anything.problem.allowed[0][vgg, resnet]
+    assert "trained on a 32x32 grid but would receive 8x8" in anything.problem.reasons[(0, vgg, resnet)]
+    # consecutive blocks of one model need no stitch
+    own = [c.spec for c in dery.candidates[1]].index("resnet20_cifar5:4-6")
+    mine = [c.spec for c in dery.candidates[0]].index("resnet20_cifar5:1-4")
+    assert dery.problem.allowed[0][mine, own] and dery.problem.pair["params"][0][mine, own] == 0
+    assert dery.stitches[(0, mine, own)] is None
+
+
+def test_pair_costs_include_the_stitch(spaces):
+    space = spaces["dery"]
+    specs = ["resnet20_cifar5:1-4", "mobilenetv2_cifar5:3-7", "vgg11_cifar5:3-5", "vgg11_cifar5:5-8"]
+    choice = space.index(specs)
+    net = build_network(space.source_blocks(choice), num_classes=5)
+    stitch = count_params(net.stitches[0])
+    assert stitch > 0 and space.problem.pair["params"][0][choice[0], choice[1]] == stitch
+    blocks = sum(c.params for c in (space.candidates[k][i] for k, i in enumerate(choice)))
+    assert space.problem.costs(choice)["params"] == count_params(net) > blocks
+
+
+# -- proxies ----------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_net(zoo):
+    _, sources = zoo
+    blocks = [sources["resnet20_cifar5"].source_block(1, 4), sources["mobilenetv2_cifar5"].source_block(3, 7),
+              sources["vit_cifar5"].source_block(4, 5), sources["vit_cifar5"].source_block(5, 7)]
+    torch.manual_seed(0)
+    net = build_network(blocks, num_classes=4)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (48, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 4, (48,), generator=generator)
+    batches = normalised(target_batches(images, labels, batches=2, batch_size=12, seed=0),
+                         net.input_normalization["mean"], net.input_normalization["std"])
+    return net, batches
+
+
+@pytest.mark.parametrize("name", ["naswot", "synflow", "jacob_cov", "grad_norm", "params", "macs"])
+def test_each_proxy_scores_a_stitched_zoo_network_deterministically(small_net, name):
+    net, batches = small_net
+    before = {key: value.clone() for key, value in net.state_dict().items()}
+    proxy = get_proxy(name)
+    first, second = proxy.score(net, batches, seed=0), proxy.score(net, batches, seed=0)
+    assert first == second and math.isfinite(first)
+    assert all(torch.equal(before[key], value) for key, value in net.state_dict().items())  # scored on a copy
+    if proxy.resource is None:
+        terms = proxy.block_terms(net, batches, list(net.blocks), seed=0)
+        assert len(terms) == 4 and all(math.isfinite(t) for t in terms)
+        assert terms == proxy.block_terms(net, batches, list(net.blocks), seed=0)
+
+
+def test_proxy_signs_and_scales_hold_on_the_zoo_network(small_net):
+    net, batches = small_net
+    assert get_proxy("params").score(net, batches) == count_params(net)
+    assert get_proxy("macs").score(net, batches) == count_macs(net, (3, 32, 32))
+    assert get_proxy("jacob_cov").score(net, batches) <= -12 * (1 - 1e-3)  # at most about -batch size
+    n = batches[0][0].shape[0]
+    assert 0 < get_proxy("naswot").score(net, batches) < n * math.log(1e8)
+    grad_terms = get_proxy("grad_norm").block_terms(net, batches, list(net.blocks))
+    assert sum(grad_terms) <= get_proxy("grad_norm").score(net, batches)  # the blocks' share of the whole sum
+
+
+def test_naswot_counts_functional_activations(zoo):
+    """The CIFAR ResNets apply F.relu in forward: module hooks would see no units in their blocks."""
+    _, sources = zoo
+    source = sources["resnet20_cifar5"]
+    torch.manual_seed(0)
+    net = SourceNet(source, [(1, 4), (4, 6), (6, 9), (9, 10)], num_classes=5)
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    terms = get_proxy("naswot").block_terms(net, [(images, torch.zeros(8, dtype=torch.long))], list(net.blocks))
+    assert all(term > 1.0 for term in terms)  # log det(K + I) of a block without units would be log det(I) = 0
+
+
+def test_users_register_their_own_proxies(small_net):
+    net, batches = small_net
+    name = "test_output_norm"
+    PROXIES.pop(name, None)
+
+    def output_norm(model, data):
+        with torch.no_grad():
+            return float(model(data[0][0]).norm())
+
+    proxy = register_proxy(name, output_norm, description="norm of the logits")
+    try:
+        assert get_proxy(name) is proxy and not proxy.decomposes
+        assert proxy.score(net, batches) == proxy.score(net, batches) > 0
+        with pytest.raises(ProxyError, match="already registered"):
+            register_proxy(name, output_norm)
+    finally:
+        PROXIES.pop(name, None)
+    with pytest.raises(ProxyError, match="unknown proxy 'nope'"):
+        get_proxy("nope")
+    imported = get_proxy("reassembly.search.proxies.naswot:naswot")
+    assert imported.decomposes and imported.score(net, batches) == get_proxy("naswot").score(net, batches)
+    PROXIES.pop("reassembly.search.proxies.naswot:naswot", None)
+
+
+def test_target_batches_are_seeded_disjoint_draws():
+    images = torch.arange(100).view(100, 1, 1, 1).to(torch.uint8)
+    labels = torch.arange(100)
+    first = target_batches(images, labels, batches=5, batch_size=8, seed=0)
+    assert [len(y) for _, y in first] == [8] * 5
+    drawn = torch.cat([y for _, y in first])
+    assert len(set(drawn.tolist())) == 40 and drawn.tolist() != list(range(40))
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(first, target_batches(images, labels, 5, 8, seed=0)))
+    assert not torch.equal(first[0][1], target_batches(images, labels, 5, 8, seed=1)[0][1])

@@ -17,8 +17,19 @@ grad_norm, the size baselines, and the registry), :mod:`.terms` (per-block objec
 from .budget import Budget, BudgetError, parse_count, parse_latency
 from .problem import Problem, brute_force, prune, random_problem
 from .program import Enumeration, Solution, enumerate_top, explain_infeasible
+from .proxies import (
+    Proxy,
+    ProxyError,
+    available_proxies,
+    get_proxy,
+    register_proxy,
+    target_batches,
+)
+from .space import SearchSpace, build_space, load_source
 
 __all__ = [
-    "Budget", "BudgetError", "Enumeration", "Problem", "Solution", "brute_force", "enumerate_top",
-    "explain_infeasible", "parse_count", "parse_latency", "prune", "random_problem",
+    "Budget", "BudgetError", "Enumeration", "Problem", "Proxy", "ProxyError", "SearchSpace", "Solution",
+    "available_proxies", "brute_force", "build_space", "enumerate_top", "explain_infeasible", "get_proxy",
+    "load_source", "parse_count", "parse_latency", "prune", "random_problem", "register_proxy",
+    "target_batches",
 ]
