@@ -1,10 +1,11 @@
 """Reassembly search: budgets, the exact 0-1 program against brute force, top-k enumeration, infeasible budgets, the
-search space of the shipped partition (compatibility rules, exact costs) and the proxies."""
+search space of the shipped partition (compatibility rules, exact costs), the proxies, and the CLI."""
 
 import json
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -28,9 +29,10 @@ from reassembly.search import (
 from reassembly.search.program import best_path
 from reassembly.search.proxies import PROXIES
 from reassembly.search.terms import SourceNet, normalised
-from reassembly.stitch import build_network
+from reassembly.stitch import build_network, parse_blocks
 
 from .conftest import REPO
+from .test_cli import assert_one_line_error, run
 
 PARTITION = REPO / "results" / "split-cifar" / "partition.json"
 
@@ -300,3 +302,59 @@ def test_target_batches_are_seeded_disjoint_draws():
     assert len(set(drawn.tolist())) == 40 and drawn.tolist() != list(range(40))
     assert all(torch.equal(a[1], b[1]) for a, b in zip(first, target_batches(images, labels, 5, 8, seed=0)))
     assert not torch.equal(first[0][1], target_batches(images, labels, 5, 8, seed=1)[0][1])
+
+
+# -- the stage and the command ----------------------------------------------------------------------------------------
+def test_search_command_end_to_end_on_the_shipped_partition(tmp_path):
+    out = tmp_path / "search.json"
+    proc = run("search", str(PARTITION.parent), "--data", "digits", "--params", "0.5M", "--macs", "60M",
+               "--top-k", "3", "--batches", "2", "--batch-size", "16", "--threads", "1", "--out", str(out))
+    record = json.loads(out.read_text())
+    assert record["program"]["status"] == "optimal" and record["program"]["gap"] == 0.0
+    assert record["scored"] == 3 and [c["rank"] for c in record["candidates"]] == [1, 2, 3]
+    scores = [c["proxy"] for c in record["candidates"]]
+    assert scores == sorted(scores, reverse=True)
+    assert sorted(c["program_rank"] for c in record["candidates"]) == [1, 2, 3]
+    objectives = sorted((c["program_rank"], c["program_objective"]) for c in record["candidates"])
+    assert [o for _, o in objectives] == sorted((o for _, o in objectives), reverse=True)
+    for candidate in record["candidates"]:
+        assert candidate["params"] <= 500_000 and candidate["macs"] <= 60_000_000
+        assert candidate["costs_match_program"] and len(candidate["blocks"]) == 4
+    choice = record["choice"]
+    assert choice["blocks"] == ",".join(record["candidates"][0]["blocks"])
+    assert len(parse_blocks(choice["blocks"])) == 4  # what `reassembly stitch --blocks` reads
+    assert "choice:" in proc.stdout and "gap 0.00%" in proc.stdout
+
+
+def test_an_impossible_budget_is_a_one_line_error_with_the_smallest_cost(tmp_path):
+    proc = run("search", str(PARTITION.parent), "--data", "digits", "--params", "10K", "--threads", "1", "--out",
+               str(tmp_path / "s.json"), check_ok=False)
+    assert_one_line_error(proc, "--params", "smallest network", "148.51K parameters")
+    assert not (tmp_path / "s.json").exists()
+
+
+def test_search_command_argument_errors_are_one_line(tmp_path):
+    proc = run("search", str(PARTITION.parent), "--data", "digits", "--params", "half", check_ok=False)
+    assert_one_line_error(proc, "--params", "0.5M")
+    proc = run("search", str(tmp_path), "--data", "digits", check_ok=False)
+    assert_one_line_error(proc, "partition.json", "reassembly partition")
+    proc = run("search", str(PARTITION.parent), "--data", "digits", "--proxy", "nope", check_ok=False)
+    assert_one_line_error(proc, "unknown proxy", "naswot")
+
+
+def test_search_help_teaches():
+    help_text = run("search", "--help").stdout
+    assert "Usage:" in help_text and "--min-params" in help_text and "stitch --blocks" in help_text
+
+
+def test_the_size_baseline_needs_no_re_ranking(tmp_path):
+    """With the params proxy the program's objective is the network's parameter count, so the assembled networks
+    come back in the program's order with scores equal to their objectives."""
+    from reassembly.search import search_stage
+
+    record = search_stage(PARTITION.parent, "digits", Budget.parse(params="0.4M"), proxy="params", top_k=4,
+                          out=tmp_path / "s.json")
+    assert [c["program_rank"] for c in record["candidates"]] == [1, 2, 3, 4]
+    assert all(c["proxy"] == c["program_objective"] == c["params"] for c in record["candidates"])
+    assert record["candidates"][0]["params"] <= 400_000
+    assert np.all(np.diff([c["params"] for c in record["candidates"]]) <= 0)

@@ -739,6 +739,88 @@ def nas_show(genotype, cells, channels, num_classes, sg_reduction, macs):
     click.echo(f"{count_parameters(network):,} parameters{cost} ({cells} cells, C = {channels}, {num_classes} classes)")
 
 
+@cli.command("search")
+@click.argument("partition_dir", metavar="DIR", type=click.Path(exists=True))
+@click.option("--data", "data_spec", required=True,
+              help="Target task whose training images the proxy sees, e.g. 'cifar10[5:10]' (it also sets the head's "
+                   "classes).")
+@click.option("--params", default=None, help="Most parameters of the whole network, e.g. 0.5M or 500K.")
+@click.option("--macs", default=None, help="Most MACs of one image at the network's input size, e.g. 60M.")
+@click.option("--latency", default=None, help="Most CPU latency of one image, e.g. 2.5ms (measured on this machine).")
+@click.option("--min-params", default=None, help="Fewest parameters (proxies favour big networks; DeRy used floors).")
+@click.option("--min-macs", default=None, help="Fewest MACs.")
+@click.option("--min-latency", default=None, help="Least latency, e.g. 1ms.")
+@click.option("--proxy", default="naswot", show_default=True,
+              help="naswot, synflow, jacob_cov, grad_norm, params, macs, or MODULE:FUNCTION for your own.")
+@click.option("--top-k", type=int, default=20, show_default=True,
+              help="Networks the program enumerates, best first; each is assembled and scored by the proxy.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the target batches and of the stem, stitch and head initialisation.")
+@click.option("--batches", type=int, default=5, show_default=True, help="Target batches the proxy averages over.")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Images per target batch.")
+@click.option("--order", type=click.Choice(["dery", "any"]), default="dery", show_default=True,
+              help="dery: no transformer block before a CNN block and a CNN block first (the official rule); any: "
+                   "every pair a stitch can join.")
+@click.option("--method", type=click.Choice(["partition", "cuts"]), default="partition", show_default=True,
+              help="How the top-k are enumerated: branching on no-good cuts (fast) or adding them as rows.")
+@click.option("--time-limit", type=float, default=None,
+              help="Seconds per solve; a solve stopped early reports its optimality gap.")
+@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+@click.option("--out", default=None, type=click.Path(dir_okay=False),
+              help="Where to write the result (default: search.json beside partition.json).")
+@click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Folder holding the datasets.")
+def search_cmd(partition_dir, data_spec, params, macs, latency, min_params, min_macs, min_latency, proxy, top_k, seed,
+               batches, batch_size, order, method, time_limit, threads, out, data_root):
+    """DeRy stage 3: pick one block per equivalence set, within a budget, ranked by a training-free proxy.
+
+    DIR holds partition.json (from `reassembly partition`). Every block gets a proxy term, measured inside its
+    own pretrained model on --batches seeded batches of --data's training images. An exact 0-1 program (HiGHS)
+    then finds the --top-k networks with the largest sum of terms that meet the budget and the compatibility
+    rules: every block runs on the grid it was trained on, no pair a stitch cannot join, DeRy's order rule.
+    Parameters and MACs count the whole network: stem, blocks, stitches and head. Each of the k networks is
+    assembled (default initialisation, no training) and re-ranked by the proxy on the network itself.
+
+    search.json lists the ranked candidates, the program's status and optimality gap, and the choice; pass the
+    choice on with `reassembly stitch --blocks "$(jq -r .choice.blocks search.json)"`. Sizes take K, M, G
+    (0.5M = 500,000); latency takes ms, us or s.
+
+    \b
+    reassembly search runs/sim --data 'cifar10[5:10]' --params 0.5M --macs 60M
+    reassembly search runs/sim --data 'cifar10[5:10]' --params 1M --min-params 0.5M --proxy synflow --top-k 50
+    reassembly search runs/sim --data digits --latency 2ms --proxy params --top-k 5
+    """
+    import torch
+
+    from .search import Budget
+    from .search.stage import search_stage
+
+    if threads:
+        torch.set_num_threads(threads)
+    budget = Budget.parse(params, macs, latency, min_params, min_macs, min_latency)
+    record = search_stage(partition_dir, data_spec, budget, proxy=proxy, top_k=top_k, seed=seed, batches=batches,
+                          batch_size=batch_size, order=order, method=method, time_limit=time_limit, out=out,
+                          data_root=data_root, progress=sys.stderr.isatty())
+    program = record["program"]
+    latency_column = any("latency_ms" in c for c in record["candidates"])
+    headers = ["rank", "program", record["proxy"]["name"], "params", "MACs"] + (["ms"] if latency_column else []) + \
+        ["blocks"]
+    rows = []
+    for c in record["candidates"]:
+        score = "-inf" if c["proxy"] is None else f"{c['proxy']:.4g}"
+        mark = "" if c["within_budget"] else " (over budget as measured)"
+        rows.append([c["rank"], c["program_rank"], score, human(c["params"]), human(c["macs"])]
+                    + ([f"{c['latency_ms']:.2f}"] if latency_column else []) + [",".join(c["blocks"]) + mark])
+    click.echo(format_table(headers, rows, "rrrrr" + ("r" if latency_column else "") + "l"))
+    click.echo(f"program: {program['status']}, gap {program['gap']:.2%}; {program['enumerated']} networks of "
+               f"{program['space']:,} combinations enumerated ({program['solves']} solves, "
+               f"{program['seconds']:.2f} s); {record['scored']} assembled and scored by {record['proxy']['name']} "
+               f"({record['timings']['assemble_and_score']:.1f} s)")
+    for note in record["notes"]:
+        click.echo(f"note: {note}")
+    click.echo(f"choice: {record['choice']['blocks']} ({record['choice']['summary']})")
+    click.echo(f"wrote {record['out']}")
+
+
 def main() -> None:
     cli(prog_name="reassembly")
 

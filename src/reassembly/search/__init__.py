@@ -26,10 +26,11 @@ from .proxies import (
     target_batches,
 )
 from .space import SearchSpace, build_space, load_source
+from .stage import search_stage
 
 __all__ = [
     "Budget", "BudgetError", "Enumeration", "Problem", "Proxy", "ProxyError", "SearchSpace", "Solution",
     "available_proxies", "brute_force", "build_space", "enumerate_top", "explain_infeasible", "get_proxy",
-    "load_source", "parse_count", "parse_latency", "prune", "random_problem", "register_proxy",
+    "load_source", "parse_count", "parse_latency", "prune", "random_problem", "register_proxy", "search_stage",
     "target_batches",
 ]
