@@ -358,3 +358,15 @@ def test_the_size_baseline_needs_no_re_ranking(tmp_path):
     assert all(c["proxy"] == c["program_objective"] == c["params"] for c in record["candidates"])
     assert record["candidates"][0]["params"] <= 400_000
     assert np.all(np.diff([c["params"] for c in record["candidates"]]) <= 0)
+
+
+def test_a_latency_budget_is_measured_per_part_and_again_after_assembly(tmp_path):
+    from reassembly.search import search_stage
+
+    record = search_stage(PARTITION.parent, "digits", Budget.parse(params="0.5M", latency="1s"), proxy="params",
+                          top_k=2, latency_repeats=2, out=tmp_path / "s.json")
+    assert record["budget"]["latency"] == {"min": None, "max": 1000.0}
+    for candidate in record["candidates"]:
+        assert candidate["latency_ms"] > 0 and candidate["latency_ms_predicted"] > 0
+        assert candidate["within_budget"]
+    assert record["choice"]["rank"] == 1

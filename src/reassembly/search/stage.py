@@ -164,6 +164,9 @@ def search_stage(directory: str | Path, data: str, budget: Budget, *, proxy: str
     if not fitting:
         notes.append("no assembled candidate met the budget as measured (latency is re-measured after assembly); "
                      "the choice is the best-ranked one")
+    elif best is not candidates[0]:
+        notes.append(f"the choice is rank {best['rank']}: the better-ranked candidates exceed the budget as measured "
+                     "after assembly (latency)")
     mismatched = [c["blocks"] for c in candidates if not c["costs_match_program"]]
     if mismatched:
         notes.append(f"{len(mismatched)} assembled networks differ in parameters or MACs from the program's count")
