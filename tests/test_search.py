@@ -150,6 +150,12 @@ def test_an_infeasible_budget_names_the_smallest_achievable_cost():
                 enumerate_top(problem, budget)
 
 
+def test_a_time_limit_that_stops_the_solver_says_so():
+    problem = random_problem(models=50, positions=6, seed=0)
+    with pytest.raises(BudgetError, match="time limit"):
+        enumerate_top(problem, Budget(max_params=400_000), top_k=2, time_limit=1e-4)
+
+
 def test_a_problem_with_no_compatible_network_says_why():
     problem = random_problem(models=3, positions=3, seed=1)
     problem.allowed[1][:] = False

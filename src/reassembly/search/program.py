@@ -12,11 +12,14 @@ that are not allowed have no variable at all, which is how forbidden pairs are e
 * unusable candidates get an upper bound of 0.
 
 The objective ``sum term * x + sum pair_term * y`` is maximised (scaled by a positive constant so the largest
-coefficient is 1). HiGHS is asked for a zero relative gap, so a solution reported optimal is optimal. The k best
-solutions come one by one: after each, the cut ``sum_{x chosen} x <= K - 1`` removes exactly that combination and the
-program is solved again. Each solution's costs are then recomputed exactly from the problem's arrays; one that only
-met a budget within the solver's feasibility tolerance is cut and dropped, so every reported solution meets its
-budget exactly.
+coefficient is 1). HiGHS is asked for a zero relative gap, so a solution reported optimal is optimal. Before solving,
+pairs and candidates that no network within the budget can use are pruned (:func:`~.problem.prune`, exact).
+
+The k best solutions come one by one through no-good cuts: after a solution, "not exactly this combination" (as a
+row, ``sum_{x chosen} x <= K - 1``). By default the cut is applied by branching on it (:func:`_partition`), which
+keeps every LP relaxation tight; ``method="cuts"`` adds the rows and re-solves the whole program. Each solution's
+costs are then recomputed exactly from the problem's arrays; one that only met a budget within the solver's
+feasibility tolerance is cut and dropped, so every reported solution meets its budget exactly.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from .problem import Problem, prune
 PRESOLVE = False  # HiGHS presolve costs more than it saves on these programs (0.4 s of 0.5 s at 50 models)
 METHODS = ("partition", "cuts")
 BOUND_ATTAINED = "path bound attained"
+STOPPED_EMPTY = "time limit reached without a network"
 STATUS = {0: "optimal", 1: "limit reached", 2: "infeasible", 3: "unbounded", 4: "solver error"}
 
 
@@ -70,6 +74,7 @@ class Enumeration:
     dropped: int = 0  # solutions cut because their exact costs broke a budget by less than the solver's tolerance
     exhausted: bool = False  # fewer than top_k feasible networks exist
     statuses: list[str] = field(default_factory=list)
+    unsolved: int = 0  # pieces whose solve stopped at the time limit without a network (the top k may miss some)
     pairs: int = 0  # allowed pairs of the problem
     pairs_kept: int = 0  # of which some network within the budget can use (the rest are pruned before solving)
 
@@ -90,7 +95,7 @@ class Enumeration:
                 "solves": self.solves, "pieces_closed_by_bound": len(self.statuses) - self.solves,
                 "first_solve_seconds": round(self.first_seconds, 4),
                 "seconds": round(self.seconds, 4), "pairs": self.pairs, "pairs_after_budget_pruning": self.pairs_kept,
-                "dropped_within_tolerance": self.dropped}
+                "dropped_within_tolerance": self.dropped, "unsolved_at_time_limit": self.unsolved}
 
 
 class _Program:
@@ -202,10 +207,15 @@ def enumerate_top(problem: Problem, budget: Budget | None = None, top_k: int = 1
     program = _Program(pruned)
     found = (_partition if method == "partition" else _cuts)(pruned, program, budget, top_k, time_limit)
     solutions, statuses, dropped, exhausted, first = found
+    unsolved = statuses.count(STOPPED_EMPTY)
     if not solutions:
+        if unsolved:
+            raise BudgetError(f"the solver stopped at the time limit ({time_limit} s) before it found a network; "
+                              "raise --time-limit or leave it out")
         raise BudgetError(explain_infeasible(problem, budget))
     return Enumeration(solutions, program.n, program.nx, program.constraints, time.perf_counter() - started,
-                       first, dropped, exhausted, statuses, problem.allowed_pairs(), pruned.allowed_pairs())
+                       first, dropped, exhausted and not unsolved, statuses, unsolved,
+                       problem.allowed_pairs(), pruned.allowed_pairs())
 
 
 def _cuts(problem: Problem, program: _Program, budget: Budget, top_k: int, time_limit: float | None):
@@ -220,7 +230,7 @@ def _cuts(problem: Problem, program: _Program, budget: Budget, top_k: int, time_
         result = program.solve(objective, budget, cuts, time_limit)
         seconds = time.perf_counter() - solve_start
         first = seconds if first is None else first
-        statuses.append(STATUS.get(result.status, "solver error"))
+        statuses.append(_status(result))
         if result.x is None:
             exhausted = result.status == 2
             break
@@ -273,7 +283,7 @@ def _partition(problem: Problem, program: _Program, budget: Budget, top_k: int, 
         result = piece.solve(piece.vector(sub.term, sub.pair_term), budget, [], time_limit)
         seconds = time.perf_counter() - solve_start
         timings.append(seconds)
-        statuses.append(STATUS.get(result.status, "solver error"))
+        statuses.append(_status(result))
         if result.x is not None:
             choice = tuple(int(keep[k][i]) for k, i in enumerate(piece.choice(result.x)))
             heapq.heappush(heap, (-problem.objective(choice), next(counter), True,
@@ -331,6 +341,12 @@ def best_path(problem: Problem) -> tuple[float, tuple[int, ...]] | None:
     for k in range(problem.positions - 2, -1, -1):
         choice.insert(0, int(back[k][choice[0]]))
     return float(value[last]), tuple(choice)
+
+
+def _status(result) -> str:
+    if result.x is None and result.status == 1:
+        return STOPPED_EMPTY
+    return STATUS.get(result.status, "solver error")
 
 
 def _solution(problem: Problem, budget: Budget, choice: tuple[int, ...], result, seconds: float) -> Solution | None:
