@@ -326,6 +326,7 @@ def test_search_command_end_to_end_on_the_shipped_partition(tmp_path):
     for candidate in record["candidates"]:
         assert candidate["params"] <= 500_000 and candidate["macs"] <= 60_000_000
         assert candidate["costs_match_program"] and len(candidate["blocks"]) == 4
+        assert candidate["solve"]["status"] == "optimal" and candidate["solve"]["gap"] == 0.0
     choice = record["choice"]
     assert choice["blocks"] == ",".join(record["candidates"][0]["blocks"])
     assert len(parse_blocks(choice["blocks"])) == 4  # what `reassembly stitch --blocks` reads

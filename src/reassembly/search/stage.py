@@ -145,6 +145,7 @@ def search_stage(directory: str | Path, data: str, budget: Budget, *, proxy: str
             "proxy": _finite(score),
             "program_rank": rank,
             "program_objective": solution.objective,
+            "solve": {"status": solution.status, "gap": solution.gap, "seconds": round(solution.seconds, 4)},
             "within_budget": budget.admits(measured),
             "costs_match_program": exact,
             "_score": score,
