@@ -468,7 +468,7 @@ def partition_cmd(similarity_dir, k, eps, size, general, block_similarity, debia
 @click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Folder holding the datasets.")
 def stitch_cmd(blocks, data_spec, out_dir, init, probe_size, max_per_class, stem, token_pool, seed, overwrite,
                data_root):
-    """DeRy stage 3: stitch blocks of different pretrained models into one network.
+    """DeRy stage 4: stitch blocks of different pretrained models into one network.
 
     Between blocks of different models goes a stitch: BatchNorm + conv (kernel = stride, the stride chosen from
     the ratio of map sizes) + LeakyReLU between feature maps, LayerNorm + Linear + LeakyReLU between tokens, and
