@@ -42,6 +42,24 @@ def locked(path: str | os.PathLike):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def exclusive(directory: str | os.PathLike, activity: str):
+    """Refuse to work in ``directory`` while another process works in it (both would write its state); the message
+    says it is being ``activity`` (e.g. "trained") by another process."""
+    import fcntl
+
+    from .errors import ReassemblyError
+
+    directory = Path(directory)
+    with open(directory / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ReassemblyError(f"{directory} is being {activity} by another process; wait for it or use another "
+                                  "--out") from None
+        yield
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

@@ -34,7 +34,6 @@ processes ran several times slower. With so few steps alpha's Adam learning rate
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -48,7 +47,7 @@ from tqdm import tqdm
 
 from ..data import ImageDataset, Preprocess
 from ..errors import ReassemblyError
-from ..io import atomic_path, write_text
+from ..io import atomic_path, exclusive, write_text
 from .architect import ORDERS, Architect
 from .operations import SANDGLASS_PRIMITIVES, search_space
 from .search_network import SearchNetwork
@@ -127,21 +126,8 @@ def search(data: str | ImageDataset = "cifar10", out: str | Path = "runs/nas-sea
     check_settings(config)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    with _exclusive(out):
+    with exclusive(out, "searched"):
         return _search(config, data, out, data_root, device, channels_last, progress, stop_after)
-
-
-@contextlib.contextmanager
-def _exclusive(out: Path):
-    import fcntl
-
-    with open(out / ".lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ReassemblyError(f"{out} is being searched by another process; wait for it or use another --out"
-                                  ) from None
-        yield
 
 
 def _check_directory(out: Path, config: SearchSettings) -> None:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from ..checkpoint import save_checkpoint
 from ..data import ImageDataset, Preprocess, set_normalization
 from ..errors import ReassemblyError
-from ..io import atomic_path, write_text
+from ..io import atomic_path, exclusive, write_text
 from .card import run_card
 from .evaluate import evaluate, resolve_normalization
 from .processes import join_processes
@@ -105,23 +105,9 @@ def train_classifier(
     main = accelerator.is_main_process
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    with _exclusive(run_dir) if main else contextlib.nullcontext():
+    with exclusive(run_dir, "trained") if main else contextlib.nullcontext():
         return _train(accelerator, model, train_set, test_set, recipe, run_dir, seed, mean, std, metadata, progress,
                       stop_after, channels_last)
-
-
-@contextlib.contextmanager
-def _exclusive(run_dir: Path):
-    """Refuse to train in a run directory that another run is training in (both would write its state)."""
-    import fcntl
-
-    with open(run_dir / ".lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            message = f"{run_dir} is being trained by another process; wait for it or use another --out"
-            raise ReassemblyError(message) from None
-        yield
 
 
 def epoch_seeds(seed: int, epoch: int) -> tuple[int, int, int]:
