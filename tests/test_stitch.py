@@ -271,6 +271,10 @@ def test_stitch_train_and_eval_clis_on_digits(tmp_path):
     assert "top-1" in run("eval", "--model", str(net_dir / "train-frozen"), "--data", "digits").stdout
     assert_one_line_error(run("train", str(net_dir), "--data", "digits[0:2]", check_ok=False), "classifies 10",
                           "has 2")
+    run("stitch", "--blocks", "resnet20_cifar5:1-4", "--data", "digits", "--probe-size", "50", "--overwrite",
+        "--out", str(net_dir))
+    assert_one_line_error(run("train", str(net_dir), "--data", "digits", "--epochs", "1", check_ok=False),
+                          "started from another network")
 
 
 @pytest.mark.parametrize("blocks, needles", [

@@ -240,6 +240,7 @@ class ReassembledNet(nn.Module):
         set_normalization(self, structure.mean, structure.std)
         self.block_norm = "train"  # batch-norm mode of the blocks when the network trains
         self.blocks_frozen = False
+        self.train()  # every part in one mode, as for any new module (planning left the blocks in eval mode)
 
     def features(self, x: torch.Tensor, upto: int | None = None) -> torch.Tensor:
         """The network's tensor after block ``upto`` (default: the last), before the head."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import ReassemblyError
+from ..io import write_text
 from ..train import TrainRecipe, train_classifier
 from .io import load_net, read_structure, save_net
 
@@ -49,6 +50,7 @@ def train_network(net_dir: str | Path, data: str, mode: str = "frozen", *, recip
             f"the network in {net_dir} classifies {net.structure.head.num_classes} classes but {train_set.name} has "
             f"{train_set.num_classes}; stitch a network for this data with `reassembly stitch --data {data}`"
         )
+    _check_origin(out, record["weights"]["sha256"], net_dir)
     if mode == "frozen":
         net.freeze_blocks(norm=block_norm)
     metadata = {"network": str(net_dir), "blocks": net.specs, "mode": mode, "block_norm": block_norm,
@@ -60,3 +62,16 @@ def train_network(net_dir: str | Path, data: str, mode: str = "frozen", *, recip
                                                       "final": summary["final"]}}
         save_net(net, out, info)
     return {"out": str(out), **summary}
+
+
+def _check_origin(out: Path, weights_sha256: str, net_dir: Path) -> None:
+    """A run directory belongs to the network it started from: resuming it with another network (re-stitched into
+    the same directory, say) would load that run's state into the wrong weights."""
+    path = out / "network.sha256"
+    if path.is_file():
+        if path.read_text().strip() != weights_sha256:
+            raise ReassemblyError(f"{out} holds a run started from another network than the one now in {net_dir}; "
+                                  "choose another --out, or delete that run")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(path, weights_sha256 + "\n")
