@@ -277,6 +277,18 @@ def test_stitch_train_and_eval_clis_on_digits(tmp_path):
                           "started from another network")
 
 
+def test_stitch_takes_the_choice_of_a_search(tmp_path):
+    from .conftest import REPO
+
+    search = REPO / "results" / "search" / "split-cifar-naswot-0.5M-60M.json"
+    run("stitch", "--choice", str(search), "--data", "digits", "--probe-size", "60", "--out", str(tmp_path / "net"))
+    assert ",".join(load_net(tmp_path / "net").specs) == json.loads(search.read_text())["choice"]["blocks"]
+    assert_one_line_error(run("stitch", "--choice", str(REPO / "results" / "split-cifar" / "partition.json"),
+                              "--data", "digits", "--out", str(tmp_path / "other"), check_ok=False),
+                          "not a search result")
+    assert not (tmp_path / "other").exists()
+
+
 @pytest.mark.parametrize("blocks, needles", [
     ("resnet20_cifar5:1-40", ["resnet20_cifar5:1-40", "outside the chain", "nodes 0..10"]),
     ("resnet20_cifar5:9-11,vgg11_cifar5:2-3", ["resnet20_cifar5:9-11 -> vgg11_cifar5:2-3",

@@ -444,9 +444,11 @@ def partition_cmd(similarity_dir, k, eps, size, general, block_similarity, debia
 
 
 @cli.command("stitch")
-@click.option("--blocks", required=True,
+@click.option("--blocks", default=None,
               help="Blocks in order, NAME:START-STOP each (nodes START..STOP-1 of a shipped model's chain, as in "
                    "partition.json), comma-separated.")
+@click.option("--choice", type=click.Path(dir_okay=False), default=None,
+              help="Take the blocks of the chosen network of a search (search.json from `reassembly search`).")
 @click.option("--data", "data_spec", required=True, help="Target task, e.g. 'cifar10[5:10]': sets the head's classes "
                                                          "and supplies the least-squares probe images.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
@@ -466,7 +468,7 @@ def partition_cmd(similarity_dir, k, eps, size, general, block_similarity, debia
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the probe draw and default init.")
 @click.option("--overwrite", is_flag=True, help="Replace a network already saved in --out.")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Folder holding the datasets.")
-def stitch_cmd(blocks, data_spec, out_dir, init, probe_size, max_per_class, stem, token_pool, seed, overwrite,
+def stitch_cmd(blocks, choice, data_spec, out_dir, init, probe_size, max_per_class, stem, token_pool, seed, overwrite,
                data_root):
     """DeRy stage 4: stitch blocks of different pretrained models into one network.
 
@@ -479,9 +481,14 @@ def stitch_cmd(blocks, data_spec, out_dir, init, probe_size, max_per_class, stem
     \b
     reassembly stitch --blocks 'resnet20_cifar5:1-4,mobilenext_cifar5:3-9,vit_cifar5:4-7' \\
         --data 'cifar10[5:10]' --out runs/net
+    reassembly stitch --choice runs/search.json --data 'cifar10[5:10]' --out runs/net
     """
     from .stitch.stage import stitch_stage
 
+    if (blocks is None) == (choice is None):
+        raise click.UsageError("give the blocks with either --blocks or --choice SEARCH.json")
+    if choice is not None:
+        blocks = chosen_blocks(choice)
     result = stitch_stage(blocks, data_spec, out_dir, init=init, probe_size=probe_size, seed=seed, stem=stem,
                           token_pool=token_pool, max_per_class=max_per_class, data_root=data_root,
                           overwrite=overwrite, progress=sys.stderr.isatty())
@@ -556,6 +563,17 @@ def first_error(exc: Exception) -> str:
         first = errors()[0]
         return f"{'.'.join(map(str, first['loc']))}: {first['msg']}"
     return str(exc).splitlines()[0]
+
+
+def chosen_blocks(path: str) -> str:
+    """The block specs of the chosen network in a search.json."""
+    try:
+        return json.loads(Path(path).read_text())["choice"]["blocks"]
+    except FileNotFoundError:
+        raise ReassemblyError(f"{path} not found: write it with `reassembly search DIR ... --out {path}`") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise ReassemblyError(f"{path} is not a search result with a chosen network (choice.blocks); write it with "
+                              "`reassembly search`") from None
 
 
 def describe_net(net) -> str:
