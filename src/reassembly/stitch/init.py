@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from ..data import normalization_of, normalize
 from ..graph import tap
-from .layers import Stitch, resize
+from .layers import End, Stitch, grid_of, resize, tokens_to_map
 from .net import ReassembledNet, Stem
 
 RIDGE = 1e-3  # times the mean eigenvalue of the input covariance
@@ -78,14 +78,12 @@ class RidgeFit:
         return error / max(total, 1e-12)
 
 
-def _as_map(x: torch.Tensor, fmt: str, prefix: int, grid) -> torch.Tensor:
-    """A point's tensor as an NCHW map (tokens laid on their grid, prefix tokens dropped)."""
-    if fmt == "nhwc":
+def _as_map(x: torch.Tensor, end: End) -> torch.Tensor:
+    """A point's tensor laid out as ``end``, as an NCHW map (tokens on their grid, prefix tokens dropped)."""
+    if end.format == "nhwc":
         return x.permute(0, 3, 1, 2)
-    if fmt == "tokens":
-        patches = x[:, prefix:]
-        side = grid if grid and grid[0] * grid[1] == patches.shape[1] else (int(patches.shape[1] ** 0.5),) * 2
-        return patches.transpose(1, 2).reshape(x.shape[0], x.shape[2], *side)
+    if end.format == "tokens":
+        return tokens_to_map(x, end, grid_of(x, end))
     return x
 
 
@@ -118,6 +116,25 @@ class _Targets:
         return tap(source.chain, x, [source.ref.start], pool=False)[source.ref.start]
 
 
+class _Flow:
+    """The network's tensors after block k on every probe batch, carried forward one stitch and block at a time:
+    each stitch is fitted on what arrives at it once everything upstream is fitted, and nothing upstream runs
+    again."""
+
+    def __init__(self, net: ReassembledNet, inputs, batches):
+        self.net, self.block = net, -1
+        self.tensors = [inputs(first, stop) for first, stop in batches]
+
+    def after(self, k: int) -> list[torch.Tensor]:
+        net = self.net
+        while self.block < k:
+            self.block += 1
+            b = self.block
+            enter = net.stem if b == 0 else net.stitches[b - 1]
+            self.tensors = [net.blocks[b](enter(x)) for x in self.tensors]
+        return self.tensors
+
+
 @torch.no_grad()
 def least_squares_init(net: ReassembledNet, blocks, images: torch.Tensor, labels: torch.Tensor | None = None, *,
                        parts=PARTS, batch_size: int = 250, ridge: float = RIDGE, progress: bool = True) -> dict:
@@ -146,10 +163,11 @@ def least_squares_init(net: ReassembledNet, blocks, images: torch.Tensor, labels
 
     if fit_stem:
         report["fits"].append(_fit_stem(net.stem, inputs, targets, batches, ridge, bar))
+    flow = _Flow(net, inputs, batches)
     for k, stitch in stitches:
-        report["fits"].append(_fit_stitch(net, k, stitch, inputs, targets, batches, ridge, bar))
+        report["fits"].append(_fit_stitch(k, stitch, flow.after(k), targets, batches, ridge, bar))
     if fit_head:
-        report["fits"].append(_fit_head(net, inputs, labels, batches, ridge, bar))
+        report["fits"].append(_fit_head(net, flow.after(len(net.blocks) - 1), labels, batches, ridge, bar))
     bar.close()
     return report
 
@@ -161,7 +179,7 @@ def _fit_stem(stem: Stem, inputs, targets, batches, ridge, bar) -> dict:
         target = targets(0, first, stop)
         if plan.target.format == "tokens" and plan.target.prefix_tokens:
             token_sum = token_sum + target[:, : plan.target.prefix_tokens].double().sum(0)
-        target = _as_map(target, plan.target.format, plan.target.prefix_tokens, plan.target.grid)
+        target = _as_map(target, plan.target)
         x = _patches(inputs(first, stop), conv.kernel_size[0], conv.stride[0], conv.padding[0])
         grid = _out_grid(target, x.shape[0] // (stop - first))
         fit.add(x, _rows(target if grid is None else resize(target, grid)))
@@ -187,11 +205,12 @@ def _out_grid(target: torch.Tensor, positions: int):
     return None if (side, side) == tuple(target.shape[-2:]) else (side, side)
 
 
-def _fit_stitch(net: ReassembledNet, k: int, stitch: Stitch, inputs, targets, batches, ridge, bar) -> dict:
+def _fit_stitch(k: int, stitch: Stitch, flowing: list[torch.Tensor], targets, batches, ridge, bar) -> dict:
+    """Fit stitch ``k`` from ``flowing`` (the network's tensors after block ``k``) to block ``k + 1``'s input."""
     plan, proj, norm = stitch.plan, stitch.proj, stitch.norm
     conv = plan.kind == "conv"
     kernel = plan.stride
-    arriving = [stitch.to_adapter(net.features(inputs(first, stop), upto=k)) for first, stop in batches]
+    arriving = [stitch.to_adapter(x) for x in flowing]
     if conv:  # standardise the arriving channels: BN's statistics on the probe, no affine change
         rows = torch.cat([_rows(a) for a in arriving]).double()
         norm.running_mean.copy_(rows.mean(0))
@@ -207,7 +226,7 @@ def _fit_stitch(net: ReassembledNet, k: int, stitch: Stitch, inputs, targets, ba
         if conv:
             if plan.class_token:
                 prefix_sum = prefix_sum + target[:, : plan.target.prefix_tokens].double().sum(0)
-            target = _as_map(target, plan.target.format, plan.target.prefix_tokens, plan.target.grid)
+            target = _as_map(target, plan.target)
             rows = _patches(x, kernel, kernel, 0)
             grid = _out_grid(target, rows.shape[0] // (stop - first))
             fit.add(rows, _rows(target if grid is None else resize(target, grid)))
@@ -229,7 +248,7 @@ def _fit_stitch(net: ReassembledNet, k: int, stitch: Stitch, inputs, targets, ba
     return {"layer": f"stitch {k}", "residual": round(fit.residual(weight), 4)}
 
 
-def _fit_head(net: ReassembledNet, inputs, labels, batches, ridge, bar) -> dict:
+def _fit_head(net: ReassembledNet, flowing: list[torch.Tensor], labels, batches, ridge, bar) -> dict:
     """A ridge classifier on the pooled features, its logits then scaled by the temperature that minimises
     label-smoothed (0.1) cross-entropy on the probe: ridge logits sit near 0 and 1, which softmax reads as
     near-uniform, and training from that high loss first tears down the fitted stitches; plain cross-entropy would
@@ -237,8 +256,8 @@ def _fit_head(net: ReassembledNet, inputs, labels, batches, ridge, bar) -> dict:
     fc = net.head.fc
     fit = RidgeFit(fc.in_features, fc.out_features)
     pooled = []
-    for first, stop in batches:
-        pooled.append(net.head.pool(net.features(inputs(first, stop))))
+    for (first, stop), x in zip(batches, flowing):
+        pooled.append(net.head.pool(x))
         fit.add(pooled[-1], F.one_hot(labels[first:stop].long(), fc.out_features))
         bar.update()
     weight, intercept = fit.solve(ridge)

@@ -175,7 +175,7 @@ class Stitch(nn.Module):
         source, plan = self.plan.source, self.plan
         if plan.kind == "conv":
             if source.format == "tokens":
-                return _tokens_to_map(x, source, plan.arriving_grid)
+                return tokens_to_map(x, source, plan.arriving_grid)
             return x.permute(0, 3, 1, 2) if source.format == "nhwc" else x
         return _keep_prefix(x, source.prefix_tokens, self.plan.target.prefix_tokens)
 
@@ -214,7 +214,7 @@ def fold_norm_after(weight: torch.Tensor, norm: nn.BatchNorm2d) -> tuple[torch.T
     return weight * scale[:, None, None, None], norm.bias - norm.running_mean * scale
 
 
-def _tokens_to_map(x: torch.Tensor, source: End, grid: tuple[int, int] | None) -> torch.Tensor:
+def tokens_to_map(x: torch.Tensor, source: End, grid: tuple[int, int] | None) -> torch.Tensor:
     h, w = grid or source.grid
     patches = x[:, source.prefix_tokens:]
     if patches.shape[1] != h * w:
@@ -244,3 +244,21 @@ def resize(y: torch.Tensor, grid: tuple[int, int], tokens: bool = False, prefix:
     if h % grid[0] == 0 and w % grid[1] == 0:
         return F.avg_pool2d(y, (h // grid[0], w // grid[1]))
     return F.interpolate(y, size=grid, mode="bilinear", align_corners=False)
+
+
+def grid_of(x: torch.Tensor, end: End) -> tuple[int, int] | None:
+    """The spatial grid of a tensor laid out as ``end`` (for tokens, the recorded grid when the count fits, else
+    the square grid)."""
+    if end.format == "nchw":
+        return tuple(x.shape[-2:])
+    if end.format == "nhwc":
+        return tuple(x.shape[1:3])
+    if end.format == "tokens":
+        patches = x.shape[1] - end.prefix_tokens
+        if end.grid is not None and end.grid[0] * end.grid[1] == patches:
+            return end.grid
+        side = int(patches**0.5)
+        if side * side != patches:
+            raise StitchError(f"{patches} patch tokens do not lie on a square grid")
+        return (side, side)
+    return None

@@ -31,6 +31,7 @@ from .layers import (
     StitchError,
     StitchPlan,
     fold_norm_after,
+    grid_of,
     identity_plan,
     plan_stitch,
 )
@@ -242,11 +243,10 @@ class ReassembledNet(nn.Module):
         self.blocks_frozen = False
         self.train()  # every part in one mode, as for any new module (planning left the blocks in eval mode)
 
-    def features(self, x: torch.Tensor, upto: int | None = None) -> torch.Tensor:
-        """The network's tensor after block ``upto`` (default: the last), before the head."""
-        last = len(self.blocks) - 1 if upto is None else upto
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The network's tensor after its last block, before the head."""
         x = self.stem(x)
-        for index in range(last + 1):
+        for index in range(len(self.blocks)):
             if index:
                 x = self.stitches[index - 1](x)
             x = self.blocks[index](x)
@@ -301,7 +301,7 @@ def plan_network(chains: list[NodeChain], ranges: list[tuple[int, int]], blocks:
         for k, (chain, (start, stop), block) in enumerate(zip(chains, ranges, blocks)):
             if k:
                 source = output_end(chains[k - 1], ranges[k - 1][1])
-                arriving = _grid_of(x, source)
+                arriving = grid_of(x, source)
                 if refs[k - 1].source == refs[k].source and ranges[k - 1][1] == start:
                     plan = identity_plan(source, arriving)  # the next block continues the same model
                 else:
@@ -332,21 +332,3 @@ def _stem_plan(chain: NodeChain, start: int, ref: BlockRef, input_size) -> StemP
     ratio = input_size[1] / target.grid[0]
     stride = 2 ** math.floor(math.log2(ratio)) if ratio >= 2 else 1
     return StemPlan("new", input_size[0], target, stride)
-
-
-def _grid_of(x: torch.Tensor, end: End) -> tuple[int, int] | None:
-    """The spatial grid of a tensor laid out as ``end`` (for tokens, the recorded grid when the count fits, else
-    the square grid)."""
-    if end.format == "nchw":
-        return tuple(x.shape[-2:])
-    if end.format == "nhwc":
-        return tuple(x.shape[1:3])
-    if end.format == "tokens":
-        patches = x.shape[1] - end.prefix_tokens
-        if end.grid is not None and end.grid[0] * end.grid[1] == patches:
-            return end.grid
-        side = int(patches**0.5)
-        if side * side != patches:
-            raise StitchError(f"{patches} patch tokens do not lie on a square grid")
-        return (side, side)
-    return None
