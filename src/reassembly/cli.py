@@ -542,11 +542,14 @@ def train_cmd(net_dir, data_spec, mode, epochs, lr, batch_size, max_per_class, a
     updates = {key: value for key, value in (("epochs", epochs), ("lr", lr), ("batch_size", batch_size))
                if value is not None}
     updates.update(augment=augment, flip=flip)
+    from pydantic import ValidationError
+
+    from .errors import validation_message
+
     try:
-        recipe = RECIPE.model_copy(update=updates)
-        recipe = type(RECIPE)(**recipe.model_dump())  # validated
-    except ValueError as exc:
-        raise ReassemblyError(f"invalid training setting: {first_error(exc)}") from None
+        recipe = type(RECIPE)(**{**RECIPE.model_dump(), **updates})  # validated
+    except ValidationError as exc:
+        raise ReassemblyError(f"invalid training setting: {validation_message(exc)}") from None
     result = train_network(net_dir, data_spec, mode, recipe=recipe, out=out, seed=seed, block_norm=block_norm,
                            max_per_class=max_per_class, data_root=data_root, progress=sys.stderr.isatty())
     final = result["final"]
@@ -554,15 +557,6 @@ def train_cmd(net_dir, data_spec, mode, epochs, lr, batch_size, max_per_class, a
         click.echo(f"epoch {final['epoch']}/{recipe.epochs}: train loss {final['train_loss']:.3f}, "
                    f"test top-1 {final.get('test_top1', float('nan')):.2f} %")
     click.echo(f"wrote {result['out']}")
-
-
-def first_error(exc: Exception) -> str:
-    """The first validation message of a pydantic error, on one line."""
-    errors = getattr(exc, "errors", None)
-    if callable(errors):
-        first = errors()[0]
-        return f"{'.'.join(map(str, first['loc']))}: {first['msg']}"
-    return str(exc).splitlines()[0]
 
 
 def chosen_blocks(path: str) -> str:

@@ -18,3 +18,9 @@ class CheckpointError(ReassemblyError):
 
 class DatasetError(ReassemblyError):
     """A dataset that cannot be found or a dataset spec that cannot be parsed."""
+
+
+def validation_message(error) -> str:
+    """``field: message`` of the first problem a pydantic ``ValidationError`` reports, on one line."""
+    first = error.errors()[0]
+    return f"{'.'.join(map(str, first['loc']))}: {first['msg']}"

@@ -46,7 +46,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from tqdm import tqdm
 
 from ..data import ImageDataset, Preprocess
-from ..errors import ReassemblyError
+from ..errors import ReassemblyError, validation_message
 from ..io import atomic_path, exclusive, write_text
 from .architect import ORDERS, Architect
 from .operations import SANDGLASS_PRIMITIVES, search_space
@@ -121,8 +121,7 @@ def search(data: str | ImageDataset = "cifar10", out: str | Path = "runs/nas-sea
     try:
         config = SearchSettings(data=name, **settings)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise ReassemblyError(f"invalid search setting {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        raise ReassemblyError(f"invalid search setting {validation_message(exc)}") from None
     check_settings(config)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
