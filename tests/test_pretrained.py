@@ -92,3 +92,23 @@ def test_shipped_model_reproduces_its_full_test_accuracy(name):
     test_set, accuracy_of = shipped_model_and_test_split(name)
     result = accuracy_of(test_set)
     assert result.top1 == pytest.approx(pretrained.manifest_entry(name).test_accuracy, abs=0.01)
+
+
+@pytest.mark.parametrize("name", ["resnet20_fashion", "vgg11_cifar5", "vit_cifar5"])
+def test_another_class_count_gets_a_new_head_and_keeps_every_other_weight(name):
+    import torch
+
+    source = create_model(name, pretrained=True)
+    torch.manual_seed(0)
+    transfer = create_model(name, pretrained=True, num_classes=3)
+    old, new = source.state_dict(), transfer.state_dict()
+    changed = sorted(key for key in old if old[key].shape != new[key].shape)
+    assert len(changed) in (1, 2) and all(new[key].shape[0] == 3 for key in changed)  # the classifier's weight, bias
+    assert all(torch.equal(old[key], new[key]) for key in old if key not in changed)
+    assert transfer.eval()(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
+    assert transfer.input_normalization == source.input_normalization
+
+
+def test_a_class_count_below_one_is_refused():
+    with pytest.raises(CheckpointError, match="at least one class"):
+        create_model("resnet20_cifar5", pretrained=True, num_classes=0)

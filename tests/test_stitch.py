@@ -349,3 +349,14 @@ def test_a_directory_without_a_network_is_explained(tmp_path):
     (tmp_path / "structure.json").write_text("{not json")
     with pytest.raises(StitchError, match="not valid JSON"):
         load_net(tmp_path)
+
+
+def test_a_block_from_scratch_has_the_pretrained_architecture_and_fresh_weights():
+    pretrained = pretrained_block("resnet20_cifar5", 1, 4)
+    torch.manual_seed(0)
+    scratch = pretrained_block("resnet20_cifar5", 1, 4, pretrained=False)
+    assert scratch.ref == pretrained.ref  # the same architecture, input size, cut and node range
+    a, b = pretrained.block.state_dict(), scratch.block.state_dict()
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    weights = [k for k in a if a[k].ndim > 1]
+    assert weights and not any(torch.equal(a[k], b[k]) for k in weights)

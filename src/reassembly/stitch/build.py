@@ -66,8 +66,9 @@ def cut_block(model: nn.Module, source: str, architecture: str, model_kwargs: di
     return SourceBlock(chain, chain[start:stop], ref)
 
 
-def pretrained_block(name: str, start: int, stop: int) -> SourceBlock:
-    """Cut a block out of a fresh copy of the shipped pretrained model ``name``."""
+def pretrained_block(name: str, start: int, stop: int, *, pretrained: bool = True) -> SourceBlock:
+    """Cut a block out of a fresh copy of the shipped pretrained model ``name``; ``pretrained=False`` cuts it out
+    of the same architecture freshly initialised instead (the from-scratch baseline of a reassembled network)."""
     from ..zoo import create_model
     from ..zoo.pretrained import load_manifest
 
@@ -76,7 +77,8 @@ def pretrained_block(name: str, start: int, stop: int) -> SourceBlock:
         raise ReassemblyError(f"no shipped model named {name!r}: blocks come from the pretrained zoo "
                               f"({', '.join(sorted(shipped))}; see `reassembly zoo list`)")
     entry = shipped[name]
-    model = create_model(name, pretrained=True)
+    model = create_model(name, pretrained=True) if pretrained else create_model(
+        entry.architecture, num_classes=entry.num_classes, **entry.model_kwargs)
     kwargs = {"num_classes": entry.num_classes, **entry.model_kwargs}
     size = (entry.channels, entry.image_size, entry.image_size)
     return cut_block(model, name, entry.architecture, kwargs, size, start, stop)

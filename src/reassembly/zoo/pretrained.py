@@ -63,14 +63,15 @@ def sha256_of(path: Path) -> str:
 
 
 def load_pretrained(name: str, num_classes: int | None = None, **kwargs) -> nn.Module:
-    """Build a shipped model and load its weights offline, after checking the file's sha256."""
+    """Build a shipped model and load its weights offline, after checking the file's sha256.
+
+    ``num_classes`` other than the source task's replaces the classifier with a new, randomly initialised one of
+    that size (the usual start of fine-tuning on another task); every other weight stays pretrained."""
     from ..checkpoint import load_into
     from ..data import normalization_of, set_normalization
     from .registry import create_model
 
     entry = manifest_entry(name)
-    if num_classes is not None and num_classes != entry.num_classes:
-        raise CheckpointError(f"pretrained {name} has {entry.num_classes} classes, not {num_classes}")
     path = WEIGHTS_DIR / entry.file
     if not path.is_file():
         raise CheckpointError(f"the weights of {name} are missing from the installation ({path})")
@@ -81,4 +82,21 @@ def load_pretrained(name: str, num_classes: int | None = None, **kwargs) -> nn.M
     set_normalization(model, *normalization_of(model, model.reassembly_metadata))  # as it was trained
     model.reassembly_name = entry.architecture
     model.reassembly_pretrained = name
+    if num_classes is not None and num_classes != entry.num_classes:
+        replace_classifier(model, entry.num_classes, num_classes, name)
     return model
+
+
+def replace_classifier(model: nn.Module, old: int, new: int, name: str = "the model") -> nn.Linear:
+    """Swap the model's last linear layer, which must output ``old`` classes, for a fresh one with ``new``."""
+    if new < 1:
+        raise CheckpointError(f"a classifier needs at least one class, not {new}")
+    linears = [(path, m) for path, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears or linears[-1][1].out_features != old:
+        raise CheckpointError(f"cannot find the {old}-class classifier of {name} (its last linear layer) to give it "
+                              f"{new} classes")
+    path, layer = linears[-1]
+    fresh = nn.Linear(layer.in_features, new, bias=layer.bias is not None)
+    parent = model.get_submodule(path.rpartition(".")[0]) if "." in path else model
+    setattr(parent, path.rpartition(".")[2], fresh)
+    return fresh

@@ -1,0 +1,371 @@
+"""The Split-CIFAR table of DESIGN.md for one budget, and the proxy-quality study, from a search over every network.
+
+Target: CIFAR-10 classes 5-9, 1,000 training images per class (the seed-0 draw every stage uses), all 5,000 target
+test images. Rows, each trained by the same procedure:
+
+* every shipped Split-CIFAR zoo model within the budget, with a new 5-class head, fully fine-tuned;
+* DeRy frozen and DeRy full: the search's choice, stitched with least-squares initialisation, then trained with the
+  blocks frozen (stem, stitches and head only) or entirely;
+* DeRy from scratch: the same architecture cut from freshly initialised models, default-initialised stitches;
+* random assembly: a network drawn uniformly (seeded) from the feasible networks within the budget other than the
+  choice, stitched like DeRy's and fully fine-tuned.
+
+The procedure: AdamW with the stitching recipe (``reassembly.stitch.training.RECIPE``: cosine, warm-up, label
+smoothing 0.1) for ``--epochs`` epochs; the peak learning rate of each row is chosen from ``--lrs`` by final-epoch
+accuracy on a validation split (200 images per class held out from the 1,000, seed 1), training on the other 800;
+the chosen rate then trains on all 1,000 per class with ``--seeds`` seeds, and the table reports final-epoch test
+top-1. The test images choose nothing.
+
+Proxy quality: ``--proxy-nets`` networks drawn uniformly (seeded) from the feasible ones are stitched, fully
+fine-tuned for ``--proxy-epochs`` epochs at the recipe's rate and evaluated on the test split; Kendall's tau between
+each proxy's score (from ``reassembly search --top-k`` files that scored every feasible network) and that accuracy
+is reported next to the tau of parameter and MAC counts.
+
+    python benchmarks/split_cifar.py --search results/search/split-cifar-naswot-0.5M-60M-all.json \
+        --proxy-scores DIR_WITH_SEARCH_JSONS --out runs/split-cifar-table --jobs 12 --report results/split-cifar-table
+
+Every training run is a resumable ``train_classifier`` directory; re-running the command skips finished runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+TARGET = "cifar10[5:10]"
+PER_CLASS = 1000  # DESIGN.md's protocol; --per-class changes it for smoke runs only
+
+
+# ---------------------------------------------------------------- data
+
+def target_splits(per_class: int = PER_CLASS) -> dict:
+    """train (all 1,000 per class), fit (800) and val (200, a fifth) from the seed-0 draw, and the test split."""
+    from reassembly.data import load_dataset
+
+    train = load_dataset(TARGET, "train", max_per_class=per_class, seed=0)
+    generator = torch.Generator().manual_seed(1)
+    held = torch.zeros(len(train), dtype=torch.bool)
+    for c in range(train.num_classes):
+        members = torch.nonzero(train.labels == c).flatten()
+        held[members[torch.randperm(len(members), generator=generator)[:per_class // 5]]] = True
+    return {"train": train, "fit": train.subset(torch.nonzero(~held).flatten()),
+            "val": train.subset(torch.nonzero(held).flatten()), "test": load_dataset(TARGET, "test")}
+
+
+# ---------------------------------------------------------------- the plan
+
+def build_plan(args) -> dict:
+    """Rows, networks to stitch and every training job, from the search file(s); written once to plan.json."""
+    from reassembly.measure import count_macs, count_params
+    from reassembly.zoo.recipes import ZOO_SETS
+    from reassembly.zoo.pretrained import load_pretrained
+
+    search = json.loads(Path(args.search).read_text())
+    budget = search["budget"]
+    limits = {key: budget[key]["max"] for key in ("params", "macs") if key in budget and budget[key].get("max")}
+    feasible = [c for c in search["candidates"] if c["within_budget"]]
+    choice = search["choice"]["blocks"]
+    zoo_rows = []
+    for name in ZOO_SETS["split-cifar"]:
+        model = load_pretrained(name, num_classes=5).eval()
+        cost = {"params": count_params(model), "macs": count_macs(model, (3, 32, 32))}
+        if all(cost[k] <= v for k, v in limits.items()):
+            zoo_rows.append({"row": f"zoo {name}", "kind": "zoo", "source": name, "mode": "full", **cost})
+    rng = random.Random(args.sample_seed)
+    others = [c for c in feasible if ",".join(c["blocks"]) != choice]
+    random_net = rng.choice(others)
+    sample = rng.sample(feasible, min(args.proxy_nets, len(feasible)))
+    nets = {"dery": {"blocks": choice, "init": "least-squares"},
+            "scratch": {"blocks": choice, "init": "default", "pretrained": False},
+            "random": {"blocks": ",".join(random_net["blocks"]), "init": "least-squares"}}
+    for i, candidate in enumerate(sample):
+        nets[f"proxy{i:02d}"] = {"blocks": ",".join(candidate["blocks"]), "init": "least-squares"}
+    chosen = next(c for c in feasible if ",".join(c["blocks"]) == choice)
+    rows = zoo_rows + [
+        {"row": "DeRy frozen", "kind": "net", "source": "dery", "mode": "frozen", **_cost(chosen)},
+        {"row": "DeRy full", "kind": "net", "source": "dery", "mode": "full", **_cost(chosen)},
+        {"row": "DeRy from scratch", "kind": "net", "source": "scratch", "mode": "full", **_cost(chosen)},
+        {"row": "random assembly", "kind": "net", "source": "random", "mode": "full", **_cost(random_net)},
+    ]
+    return {"search": args.search, "per_class": args.per_class, "budget": search["budget_text"], "limits": limits, "feasible": len(feasible),
+            "epochs": args.epochs, "lrs": args.lrs, "seeds": args.seeds, "proxy_epochs": args.proxy_epochs,
+            "sample_seed": args.sample_seed, "rows": rows, "nets": nets,
+            "proxy_sample": [",".join(c["blocks"]) for c in sample]}
+
+
+def _cost(candidate: dict) -> dict:
+    return {"params": candidate["params"], "macs": candidate["macs"]}
+
+
+def recipe(epochs: int, lr: float):
+    from reassembly.stitch.training import RECIPE
+
+    return RECIPE.model_copy(update={"epochs": epochs, "lr": lr, "eval_every": epochs})
+
+
+def validation_jobs(plan: dict) -> list[dict]:
+    return [{"name": f"val-{_slug(row['row'])}-lr{lr:g}", "row": row["row"], "lr": lr, "seed": 0, "train": "fit",
+             "eval": "val", "epochs": plan["epochs"]} for row in plan["rows"] for lr in plan["lrs"]]
+
+
+def proxy_jobs(plan: dict) -> list[dict]:
+    from reassembly.stitch.training import RECIPE
+
+    return [{"name": f"proxy-{key}", "net": key, "mode": "full", "lr": RECIPE.lr, "seed": 0, "train": "train",
+             "eval": "test", "epochs": plan["proxy_epochs"]} for key in plan["nets"] if key.startswith("proxy")]
+
+
+def final_jobs(plan: dict, out: Path) -> list[dict] | None:
+    """The seeded test runs at each row's chosen rate, or None while a validation run is unfinished."""
+    jobs = []
+    for row in plan["rows"]:
+        scores = {}
+        for job in validation_jobs(plan):
+            if job["row"] == row["row"]:
+                summary = finished(out, job)
+                if summary is None:
+                    return None
+                scores[job["lr"]] = summary["final"]["test_top1"]  # the 'test' set of a validation run is val
+        best = max(sorted(scores), key=lambda lr: scores[lr])  # ties: the smaller rate
+        row["validation"], row["lr"] = scores, best
+        jobs += [{"name": f"test-{_slug(row['row'])}-seed{seed}", "row": row["row"], "lr": best, "seed": seed,
+                  "train": "train", "eval": "test", "epochs": plan["epochs"]} for seed in range(plan["seeds"])]
+    return jobs
+
+
+def _slug(text: str) -> str:
+    return text.lower().replace(" ", "-")
+
+
+# ---------------------------------------------------------------- running
+
+def stitch_jobs(plan: dict) -> list[dict]:
+    return [{"name": f"stitch-{key}", "stitch": key} for key in plan["nets"]]
+
+
+def stitch_net(plan: dict, key: str, out: Path) -> None:
+    from reassembly.stitch import build_network, parse_blocks, pretrained_block
+    from reassembly.stitch.io import save_net
+    from reassembly.stitch.stage import stitch_stage
+
+    spec, directory = plan["nets"][key], out / "nets" / key
+    if spec.get("pretrained", True):
+        stitch_stage(spec["blocks"], TARGET, directory, init=spec["init"], max_per_class=plan["per_class"],
+                     progress=False, overwrite=True)
+    else:  # the architecture of the blocks, freshly initialised: DeRy trained from scratch
+        torch.manual_seed(0)
+        blocks = [pretrained_block(n, a, b, pretrained=False) for n, a, b in parse_blocks(spec["blocks"])]
+        save_net(build_network(blocks, 5), directory,
+                 {"blocks": spec["blocks"], "init": {"method": "default, blocks from scratch"}})
+
+
+def model_for(plan: dict, job: dict, out: Path):
+    from reassembly.stitch.io import load_net
+    from reassembly.zoo.pretrained import load_pretrained
+
+    row = next((r for r in plan["rows"] if r["row"] == job.get("row")), None)
+    kind, source, mode = (row["kind"], row["source"], row["mode"]) if row else ("net", job["net"], job["mode"])
+    torch.manual_seed(job["seed"])  # a zoo model's new head
+    if kind == "zoo":
+        return load_pretrained(source, num_classes=5)
+    net = load_net(out / "nets" / source)
+    if mode == "frozen":
+        net.freeze_blocks(norm="eval")
+    return net
+
+
+def run_job(plan: dict, job: dict, out: Path, threads: int) -> None:
+    from reassembly.train import train_classifier
+
+    torch.set_num_threads(threads)
+    if "stitch" in job:
+        stitch_net(plan, job["stitch"], out)
+        return
+    splits = target_splits(plan["per_class"])
+    model = model_for(plan, job, out)
+    train_classifier(model, splits[job["train"]], splits[job["eval"]], recipe(job["epochs"], job["lr"]),
+                     out / "runs" / job["name"], seed=job["seed"], progress=False, metadata={"job": job})
+
+
+def finished(out: Path, job: dict) -> dict | None:
+    if "stitch" in job:
+        from reassembly.stitch.io import is_net_dir
+
+        return {"stitched": True} if is_net_dir(out / "nets" / job["stitch"]) else None
+    path = out / "runs" / job["name"] / "summary.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    return summary if summary["epochs"] == job["epochs"] else None
+
+
+def launch(jobs: list[dict], args, out: Path, then=None) -> list[str]:
+    """Run the unfinished jobs ``--jobs`` at a time, each in its own process; returns the names that failed.
+    ``then()``, asked after each finished job until it answers, gives jobs to put at the front of the queue."""
+    queue = [job for job in jobs if finished(out, job) is None]
+    running, failed = [], []
+    while queue or running or then is not None:
+        if then is not None and (more := then()) is not None:
+            queue[:0], then = [job for job in more if finished(out, job) is None], None
+        elif then is not None and not queue and not running:
+            break
+        while queue and len(running) < args.jobs:
+            job = queue.pop(0)
+            log_dir = out / "logs"
+            log_dir.mkdir(parents=True, exist_ok=True)
+            log = open(log_dir / f"{job['name']}.log", "a")
+            command = [sys.executable, __file__, "--out", str(out), "--threads", str(args.threads),
+                       "--only", json.dumps(job)]
+            running.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), job["name"]))
+        time.sleep(1)
+        for process, name in list(running):
+            if process.poll() is not None:
+                running.remove((process, name))
+                print(f"{'finished' if process.returncode == 0 else 'FAILED'} {name}", flush=True)
+                if process.returncode:
+                    failed.append(name)
+    return failed
+
+
+# ---------------------------------------------------------------- report
+
+def proxy_scores(directory: Path) -> dict[str, dict[str, float]]:
+    """{proxy: {blocks: score}} from every search file in ``directory`` (each with the proxy it ranked by)."""
+    scores = {}
+    for path in sorted(directory.glob("*.json")):
+        record = json.loads(path.read_text())
+        name = record["proxy"]["name"]
+        sign = 1 if record["proxy"]["better"] == "higher" else -1
+        scores[name] = {",".join(c["blocks"]): sign * c["proxy"] for c in record["candidates"]
+                        if c["proxy"] is not None}
+    return scores
+
+
+def report(plan: dict, out: Path, args) -> dict:
+    from scipy import stats
+
+    finals = final_jobs(plan, out) or []
+    rows = []
+    for row in plan["rows"]:
+        values = [finished(out, j) for j in finals if j["row"] == row["row"]]
+        top1 = [v["final"]["test_top1"] for v in values if v is not None]
+        rows.append({**row, "test_top1": top1,
+                     "mean": statistics.fmean(top1) if top1 else None,
+                     "sd": statistics.stdev(top1) if len(top1) > 1 else None})
+    proxy = {}
+    accuracy = {}
+    for job in proxy_jobs(plan):
+        summary = finished(out, job)
+        if summary is not None:
+            accuracy[plan["nets"][job["net"]]["blocks"]] = summary["final"]["test_top1"]
+    if args.proxy_scores and accuracy:
+        scores = proxy_scores(Path(args.proxy_scores))
+        any_record = json.loads(Path(args.search).read_text())["candidates"]
+        costs = {",".join(c["blocks"]): c for c in any_record}
+        scores["params"] = {b: costs[b]["params"] for b in costs}
+        scores["macs"] = {b: costs[b]["macs"] for b in costs}
+        nets = sorted(accuracy)
+        for name, table in scores.items():
+            pairs = [(table[b], accuracy[b]) for b in nets if b in table]
+            tau = stats.kendalltau(*zip(*pairs))
+            proxy[name] = {"tau": float(tau.statistic), "p": float(tau.pvalue), "n": len(pairs)}
+    machine = json.loads((out / "machine.json").read_text()) if (out / "machine.json").is_file() else {}
+    record = {"command": " ".join(["python", "benchmarks/split_cifar.py", *sys.argv[1:]]), **machine,
+              "plan": {k: v for k, v in plan.items() if k != "rows"}, "rows": rows,
+              "proxy_accuracy": accuracy, "proxy_tau": proxy}
+    if args.report:
+        directory = Path(args.report)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+        (directory / "report.md").write_text(markdown(record))
+    print(markdown(record))
+    return record
+
+
+def markdown(r: dict) -> str:
+    p = r["plan"]
+    lines = ["# Split-CIFAR: reassembly against the zoo under one budget", "",
+             f"Command: `{r['command']}`", "",
+             f"Machine: {r.get('device', '?')}, torch {r.get('torch', '?')}. Target `{TARGET}`, {p['per_class']} training "
+             f"images per class, all 5,000 test images. Budget {p['budget']} ({p['feasible']} feasible networks). "
+             f"{p['epochs']} epochs per run; learning rate chosen from {p['lrs']} on a validation split; "
+             f"{p['seeds']} seeds at the chosen rate.", "",
+             "| row | params | MACs | chosen lr (val top-1 per lr) | test top-1 % (mean ± sd) | per seed |",
+             "|---|---:|---:|---|---:|---|"]
+    for row in r["rows"]:
+        val = ", ".join(f"{lr:g}: {acc:.1f}" for lr, acc in sorted((float(k), v) for k, v in
+                                                                    row.get("validation", {}).items()))
+        score = f"{row['mean']:.2f} ± {row['sd']:.2f}" if row["sd"] is not None else (
+            f"{row['mean']:.2f}" if row["mean"] is not None else "unfinished")
+        lines.append(f"| {row['row']} | {row['params']:,} | {row['macs']:,} | {row.get('lr', '?')} ({val}) | "
+                     f"{score} | {', '.join(f'{v:.2f}' for v in row['test_top1'])} |")
+    if r["proxy_tau"]:
+        lines += ["", f"Proxy quality over {len(r['proxy_accuracy'])} random feasible networks, each fully fine-tuned "
+                  f"{p['proxy_epochs']} epochs (lr of the recipe, seed 0), test top-1 against the score:", "",
+                  "| score | Kendall tau | p | networks |", "|---|---:|---:|---:|"]
+        for name, t in sorted(r["proxy_tau"].items(), key=lambda item: -item[1]["tau"]):
+            lines.append(f"| {name} | {t['tau']:+.3f} | {t['p']:.3g} | {t['n']} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- main
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--search", default="results/search/split-cifar-naswot-0.5M-60M-all.json",
+                        help="a search.json that scored every feasible network (--top-k at least their number)")
+    parser.add_argument("--proxy-scores", default=None, help="folder of such search files, one per proxy")
+    parser.add_argument("--out", type=Path, default=Path("runs/split-cifar-table"))
+    parser.add_argument("--per-class", type=int, default=PER_CLASS, help="training images per class (smoke runs)")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3, 3e-3])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--proxy-nets", type=int, default=24)
+    parser.add_argument("--proxy-epochs", type=int, default=3)
+    parser.add_argument("--sample-seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--report", default=None)
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--only", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    out = args.out
+    plan_path = out / "plan.json"
+    if args.only:
+        run_job(json.loads(plan_path.read_text()), json.loads(args.only), out, args.threads)
+        return
+    if plan_path.is_file():
+        plan = json.loads(plan_path.read_text())
+        asked = {"epochs": args.epochs, "lrs": args.lrs, "seeds": args.seeds, "per_class": args.per_class,
+                 "proxy_epochs": args.proxy_epochs, "sample_seed": args.sample_seed}
+        changed = [key for key, value in asked.items() if plan[key] != value]
+        if changed and not args.report_only:
+            raise SystemExit(f"{out} holds a plan with other {', '.join(changed)}; use another --out for new settings")
+    else:
+        plan = build_plan(args)
+        out.mkdir(parents=True, exist_ok=True)
+        plan_path.write_text(json.dumps(plan, indent=2) + "\n")
+    if not args.report_only:
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else \
+            f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+        (out / "machine.json").write_text(json.dumps({"device": device, "torch": torch.__version__}))
+        target_splits(plan["per_class"])  # decode the images once before the workers start
+        failed = launch(stitch_jobs(plan), args, out)
+        failed += launch(validation_jobs(plan) + proxy_jobs(plan), args, out, then=lambda: final_jobs(plan, out))
+        if failed:
+            print(f"failed runs: {', '.join(failed)}; see {out}/logs", flush=True)
+    report(plan, out, args)
+
+
+if __name__ == "__main__":
+    main()
