@@ -368,32 +368,15 @@ def similarity(zoo_spec, data_spec, split, probe_size, out_dir, seed, batch_size
     reassembly similarity --zoo split-cifar --data 'cifar10[0:5]' --probe-size 2000 --out runs/sim
     reassembly partition runs/sim --k 4
     """
-    import torch
+    from .similarity import similarity_stage
 
-    from .data import load_dataset
-    from .errors import ReassemblyError
-    from .similarity import compute_similarity, load_zoo
-
-    if probe_size < 1:
-        raise ReassemblyError(f"--probe-size {probe_size} leaves the probe set empty; give at least 4 images")
-    if batch_size < 4:
-        raise ReassemblyError(f"--batch-size {batch_size} is too small: unbiased HSIC needs batches of at least 4")
-    members = load_zoo(zoo_spec, image_size)
-    size = members[0].input_size[1]
-    data = load_dataset(data_spec, split, root=data_root, image_size=size, channels=3)
-    if len(data) == 0:
-        raise ReassemblyError(f"{data.name} {split} holds no images: the probe set would be empty")
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:probe_size]
-    probe = data.subset(order)
-    settings = {"zoo": zoo_spec, "data": data.name, "split": split, "probe_size": len(probe), "seed": seed,
-                "image_size": size}
-    run = compute_similarity(members, probe, out_dir, settings=settings, batch_size=batch_size, estimator=estimator,
-                             token_pool=token_pool, debiased=debiased, heatmaps=heatmaps,
-                             progress=sys.stderr.isatty())
+    run = similarity_stage(zoo_spec, data_spec, out_dir, split=split, probe_size=probe_size, seed=seed,
+                           image_size=image_size, data_root=data_root, batch_size=batch_size, estimator=estimator,
+                           token_pool=token_pool, debiased=debiased, heatmaps=heatmaps, progress=sys.stderr.isatty())
     if run is None:  # a non-zero rank of a sharded run
         return
     chains = ", ".join(f"{m['name']} ({len(m['chain']['nodes'])} nodes)" for m in run.index["models"])
-    click.echo(f"CKA over {run.index['samples']} probe images of {data.name} {split} for {chains}")
+    click.echo(f"CKA over {run.index['samples']} probe images of {run.index['settings']['data']} {split} for {chains}")
     degenerate = {m["name"]: m["degenerate_points"] for m in run.index["models"] if m["degenerate_points"]}
     if degenerate:
         click.echo(f"constant features (CKA reported as 0) at points: {degenerate}")
