@@ -760,12 +760,15 @@ def nas_show(genotype, cells, channels, num_classes, sg_reduction, macs):
               help="How the top-k are enumerated: branching on no-good cuts (fast) or adding them as rows.")
 @click.option("--time-limit", type=float, default=None,
               help="Seconds per solve; a solve stopped early reports its optimality gap.")
+@click.option("--max-per-class", type=int, default=None,
+              help="Draw the proxy's images only from this many training images per class (the subset `reassembly "
+                   "stitch/train --max-per-class` use).")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
 @click.option("--out", default=None, type=click.Path(dir_okay=False),
               help="Where to write the result (default: search.json beside partition.json).")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Folder holding the datasets.")
 def search_cmd(partition_dir, data_spec, params, macs, latency, min_params, min_macs, min_latency, proxy, top_k, seed,
-               batches, batch_size, order, method, time_limit, threads, out, data_root):
+               batches, batch_size, order, method, time_limit, max_per_class, threads, out, data_root):
     """DeRy stage 3: pick one block per equivalence set, within a budget, ranked by a training-free proxy.
 
     DIR holds partition.json (from `reassembly partition`). Every block gets a proxy term, measured inside its
@@ -794,7 +797,7 @@ def search_cmd(partition_dir, data_spec, params, macs, latency, min_params, min_
     budget = Budget.parse(params, macs, latency, min_params, min_macs, min_latency)
     record = search_stage(partition_dir, data_spec, budget, proxy=proxy, top_k=top_k, seed=seed, batches=batches,
                           batch_size=batch_size, order=order, method=method, time_limit=time_limit, out=out,
-                          data_root=data_root, progress=sys.stderr.isatty())
+                          data_root=data_root, max_per_class=max_per_class, progress=sys.stderr.isatty())
     program = record["program"]
     latency_column = any("latency_ms" in c for c in record["candidates"])
     headers = ["rank", "program", record["proxy"]["name"], "params", "MACs"] + (["ms"] if latency_column else []) + \
