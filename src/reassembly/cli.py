@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from .errors import ReassemblyError
+from .text import format_table, human
 
 
 class FriendlyGroup(click.Group):
@@ -34,25 +35,6 @@ def parse_input_size(text: str | None) -> tuple[int, int, int] | None:
     if len(size) != 3 or min(size) <= 0:
         raise click.BadParameter(f"{text!r} is not C,H,W (e.g. 3,32,32)")
     return size
-
-
-def format_table(headers: list[str], rows: list[list], align: str | None = None) -> str:
-    """Plain-text table; ``align`` gives 'l' or 'r' per column (numbers right-aligned by default)."""
-    cells = [[str(c) for c in row] for row in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    align = align or "".join("r" if rows and isinstance(rows[0][i], (int, float)) else "l" for i in range(len(headers)))
-
-    def line(values):
-        return "  ".join(v.rjust(w) if a == "r" else v.ljust(w) for v, w, a in zip(values, widths, align)).rstrip()
-
-    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells])
-
-
-def human(n: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return str(int(n))
 
 
 def write_json(path: str, payload) -> None:
@@ -557,22 +539,9 @@ def describe_net(net) -> str:
     """A table of a reassembled network's parts with their parameters, and its totals."""
     from .measure import count_macs, count_params
 
-    structure = net.structure
-    rows = [["stem", "new conv stem" if structure.stem.kind == "new" else "(the first block's own)",
-             count_params(net.stem)]]
-    for k, (ref, block) in enumerate(zip(structure.blocks, net.blocks)):
-        if k:
-            stitch = net.stitches[k - 1]
-            rows.append([f"stitch {k - 1}", stitch.extra_repr() if stitch.plan.kind != "identity" else "(none)",
-                         count_params(stitch)])
-        nodes = f"{ref.nodes[0]}..{ref.nodes[-1]}" if len(ref.nodes) > 1 else ref.nodes[0]
-        rows.append([f"block {k}", f"{ref.spec} ({nodes})", count_params(block)])
-    rows.append(["head", f"{structure.head.source.format} -> {structure.head.num_classes} classes",
-                 count_params(net.head)])
-    table = format_table(["part", "what", "params"], rows, "llr")
-    total = count_params(net)
-    return f"{table}\n{total:,} parameters, {count_macs(net, structure.input_size):,} MACs at " \
-           f"{'x'.join(map(str, structure.input_size))}"
+    table = format_table(["part", "what", "params"], [list(row) for row in net.parts()], "llr")
+    size = net.structure.input_size
+    return f"{table}\n{count_params(net):,} parameters, {count_macs(net, size):,} MACs at {'x'.join(map(str, size))}"
 
 
 @cli.group()
