@@ -703,6 +703,74 @@ def nas_show(genotype, cells, channels, num_classes, sg_reduction, macs):
     click.echo(f"{count_parameters(network):,} parameters{cost} ({cells} cells, C = {channels}, {num_classes} classes)")
 
 
+@cli.command("run")
+@click.argument("recipe_path", metavar="[RECIPE]", required=False, type=click.Path(dir_okay=False))
+@click.option("--demo", is_flag=True,
+              help="Run the built-in demo recipe: a network for CIFAR-10 classes 5-9 from the split-cifar zoo.")
+@click.option("--print-example", is_flag=True,
+              help="Print the demo recipe, with comments, as a template to start from, and exit.")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="Run directory (default: the recipe's `out`, else runs/NAME). Stages already done there are "
+                   "skipped.")
+@click.option("--force", is_flag=True, help="Run every stage afresh, replacing what the run directory holds.")
+@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+@click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Folder holding the datasets.")
+def run_cmd(recipe_path, demo, print_example, out_dir, force, threads, data_root):
+    """Run a whole DeRy reassembly from a YAML recipe: similarity, partition, search, stitch, train, eval.
+
+    Each stage writes the artifact its own verb writes, into one run directory: similarity/,
+    partition.json, search.json, net/ (stitched), net/train-MODE/ (trained), baselines/ (the zoo models
+    within the same budget, given a new head and trained the same way), eval.json, MODEL_CARD.md, and
+    recipe.resolved.yaml (the recipe with every default filled in). At the end it prints the reassembled
+    network next to those zoo models.
+
+    Running the same command again skips every stage that is done; a stage whose recipe section changed,
+    whose input changed or whose artifact is missing or corrupt runs again, and so does everything after
+    it; an interrupted stage resumes (similarity batches, training epochs). --force starts afresh.
+
+    \b
+    A recipe (only data.target, zoo and search.budget are required; docs/run.md lists every key):
+      data:
+        target: cifar10[5:10]          # the task the network is for
+        max_per_class: 300             # training images per class
+      zoo: split-cifar                 # shipped models (names, or a group)
+      similarity: {data: 'cifar10[0:5]', probe_size: 500}
+      partition: {k: 4}
+      search:
+        budget: {params: 0.5M, macs: 60M}
+        proxy: naswot
+      train: {modes: [frozen], epochs: 1}
+
+    \b
+    reassembly run --print-example > my.yaml     a commented template
+    reassembly run my.yaml --out runs/mine
+    reassembly run --demo                        the built-in demo (about 4 minutes on 2 CPU cores)
+    """
+    from .pipeline import demo_path, example_text, run_recipe
+    from .pipeline.report import comparison_table
+
+    if print_example:
+        click.echo(example_text(), nl=False)
+        return
+    if demo == (recipe_path is not None):
+        raise click.UsageError("give a RECIPE file, or --demo for the built-in one (--print-example prints it)")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    source = demo_path() if demo else recipe_path
+    command = "reassembly run " + ("--demo" if demo else recipe_path) + (f" --out {out_dir}" if out_dir else "")
+    result = run_recipe(source, out_dir, force=force, data_root=data_root, progress=sys.stderr.isatty(),
+                        echo=click.echo, command=command)
+    if not result.finished:
+        return
+    click.echo("")
+    click.echo(comparison_table(result.eval))
+    modes = result.recipe.train.modes
+    final = result.out / "net" / (f"train-{modes[-1]}" if modes else "")
+    click.echo(f"\nthe reassembled network: {final}; its model card: {result.out / 'MODEL_CARD.md'}")
+
+
 @cli.command("search")
 @click.argument("partition_dir", metavar="DIR", type=click.Path(exists=True))
 @click.option("--data", "data_spec", required=True,
