@@ -51,6 +51,8 @@ def cli():
 
     \b
     Start here:
+      reassembly run --demo                a network for CIFAR-10 classes 5-9 from blocks of the zoo
+      reassembly run --print-example       the recipe behind it, to start your own
       reassembly zoo list                  pretrained models shipped with the package
       reassembly zoo list --archs          every architecture, with parameters and MACs
       reassembly info cifar_resnet20       parameters, MACs and a layer table
@@ -744,7 +746,7 @@ def run_cmd(recipe_path, demo, print_example, out_dir, force, threads, data_root
     \b
     reassembly run --print-example > my.yaml     a commented template
     reassembly run my.yaml --out runs/mine
-    reassembly run --demo                        the built-in demo (about 4 minutes on 2 CPU cores)
+    reassembly run --demo                        the built-in demo (3-6 minutes on 2 CPU cores)
     """
     from .pipeline import demo_path, example_text, run_recipe
     from .pipeline.report import comparison_table

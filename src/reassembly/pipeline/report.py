@@ -206,7 +206,9 @@ def model_card(recipe: Recipe, run_dir: Path, record: dict, command: str) -> str
     parts = []
     for part, what, params in net.parts():
         origin = "new: fitted and trained on the target"
-        if part.startswith("block"):
+        if part.startswith("stitch") and what == "(none)":
+            origin = "none needed: the two blocks are consecutive parts of one model"
+        elif part.startswith("block"):
             ref = net.structure.blocks[int(part.split()[1])]
             entry = manifest_entry(ref.source)
             sources.append(ref.source)
