@@ -84,6 +84,8 @@ class Ledger:
         if force:
             return Decision("run", "--force", clean=True)
         record = self.read(stage)
+        if record is None and self.path(stage).is_file():
+            return Decision("run", f"its record {STAMPS}/{stage}.json is unreadable", clean=True)
         if record is None:
             found = [relative for relative in outputs if (self.run_dir / relative).exists()]
             if found:

@@ -102,7 +102,7 @@ def run_recipe(source: str | Path | dict | Recipe, out: str | Path | None = None
     if recipe.name is None:
         recipe.name = run_dir.name
     run_dir.mkdir(parents=True, exist_ok=True)
-    with exclusive(run_dir, "used by another `reassembly run`"):
+    with exclusive(run_dir, "run"):
         origin = str(source) if isinstance(source, (str, Path)) else "a recipe given in Python"
         header = (f"# The recipe of this run with every default filled in (from {origin}).\n"
                   f"# Run it again (stages already done are skipped): reassembly run {run_dir / RESOLVED}\n")
