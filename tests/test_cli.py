@@ -28,7 +28,7 @@ def assert_one_line_error(proc, *needles):
         assert needle in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("verb", [[], ["zoo"], ["zoo", "list"], ["zoo", "train"], ["zoo", "ship"], ["zoo", "recipes"], ["info"], ["dissect"], ["eval"], ["convert"], ["similarity"], ["partition"], ["stitch"], ["train"]])
+@pytest.mark.parametrize("verb", [[], ["zoo"], ["zoo", "list"], ["zoo", "train"], ["zoo", "ship"], ["zoo", "recipes"], ["info"], ["dissect"], ["eval"], ["convert"], ["similarity"], ["partition"], ["stitch"], ["train"], ["run"]])
 def test_every_verb_has_help(verb):
     out = run(*verb, "--help").stdout
     assert "Usage:" in out and len(out.splitlines()) > 3

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from .errors import ReassemblyError
+from .text import format_table, human
 
 
 class FriendlyGroup(click.Group):
@@ -36,25 +37,6 @@ def parse_input_size(text: str | None) -> tuple[int, int, int] | None:
     return size
 
 
-def format_table(headers: list[str], rows: list[list], align: str | None = None) -> str:
-    """Plain-text table; ``align`` gives 'l' or 'r' per column (numbers right-aligned by default)."""
-    cells = [[str(c) for c in row] for row in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    align = align or "".join("r" if rows and isinstance(rows[0][i], (int, float)) else "l" for i in range(len(headers)))
-
-    def line(values):
-        return "  ".join(v.rjust(w) if a == "r" else v.ljust(w) for v, w, a in zip(values, widths, align)).rstrip()
-
-    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells])
-
-
-def human(n: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return str(int(n))
-
-
 def write_json(path: str, payload) -> None:
     from .io import write_text
 
@@ -69,6 +51,8 @@ def cli():
 
     \b
     Start here:
+      reassembly run --demo                a network for CIFAR-10 classes 5-9 from blocks of the zoo
+      reassembly run --print-example       the recipe behind it, to start your own
       reassembly zoo list                  pretrained models shipped with the package
       reassembly zoo list --archs          every architecture, with parameters and MACs
       reassembly info cifar_resnet20       parameters, MACs and a layer table
@@ -368,32 +352,15 @@ def similarity(zoo_spec, data_spec, split, probe_size, out_dir, seed, batch_size
     reassembly similarity --zoo split-cifar --data 'cifar10[0:5]' --probe-size 2000 --out runs/sim
     reassembly partition runs/sim --k 4
     """
-    import torch
+    from .similarity import similarity_stage
 
-    from .data import load_dataset
-    from .errors import ReassemblyError
-    from .similarity import compute_similarity, load_zoo
-
-    if probe_size < 1:
-        raise ReassemblyError(f"--probe-size {probe_size} leaves the probe set empty; give at least 4 images")
-    if batch_size < 4:
-        raise ReassemblyError(f"--batch-size {batch_size} is too small: unbiased HSIC needs batches of at least 4")
-    members = load_zoo(zoo_spec, image_size)
-    size = members[0].input_size[1]
-    data = load_dataset(data_spec, split, root=data_root, image_size=size, channels=3)
-    if len(data) == 0:
-        raise ReassemblyError(f"{data.name} {split} holds no images: the probe set would be empty")
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:probe_size]
-    probe = data.subset(order)
-    settings = {"zoo": zoo_spec, "data": data.name, "split": split, "probe_size": len(probe), "seed": seed,
-                "image_size": size}
-    run = compute_similarity(members, probe, out_dir, settings=settings, batch_size=batch_size, estimator=estimator,
-                             token_pool=token_pool, debiased=debiased, heatmaps=heatmaps,
-                             progress=sys.stderr.isatty())
+    run = similarity_stage(zoo_spec, data_spec, out_dir, split=split, probe_size=probe_size, seed=seed,
+                           image_size=image_size, data_root=data_root, batch_size=batch_size, estimator=estimator,
+                           token_pool=token_pool, debiased=debiased, heatmaps=heatmaps, progress=sys.stderr.isatty())
     if run is None:  # a non-zero rank of a sharded run
         return
     chains = ", ".join(f"{m['name']} ({len(m['chain']['nodes'])} nodes)" for m in run.index["models"])
-    click.echo(f"CKA over {run.index['samples']} probe images of {data.name} {split} for {chains}")
+    click.echo(f"CKA over {run.index['samples']} probe images of {run.index['settings']['data']} {split} for {chains}")
     degenerate = {m["name"]: m["degenerate_points"] for m in run.index["models"] if m["degenerate_points"]}
     if degenerate:
         click.echo(f"constant features (CKA reported as 0) at points: {degenerate}")
@@ -574,22 +541,9 @@ def describe_net(net) -> str:
     """A table of a reassembled network's parts with their parameters, and its totals."""
     from .measure import count_macs, count_params
 
-    structure = net.structure
-    rows = [["stem", "new conv stem" if structure.stem.kind == "new" else "(the first block's own)",
-             count_params(net.stem)]]
-    for k, (ref, block) in enumerate(zip(structure.blocks, net.blocks)):
-        if k:
-            stitch = net.stitches[k - 1]
-            rows.append([f"stitch {k - 1}", stitch.extra_repr() if stitch.plan.kind != "identity" else "(none)",
-                         count_params(stitch)])
-        nodes = f"{ref.nodes[0]}..{ref.nodes[-1]}" if len(ref.nodes) > 1 else ref.nodes[0]
-        rows.append([f"block {k}", f"{ref.spec} ({nodes})", count_params(block)])
-    rows.append(["head", f"{structure.head.source.format} -> {structure.head.num_classes} classes",
-                 count_params(net.head)])
-    table = format_table(["part", "what", "params"], rows, "llr")
-    total = count_params(net)
-    return f"{table}\n{total:,} parameters, {count_macs(net, structure.input_size):,} MACs at " \
-           f"{'x'.join(map(str, structure.input_size))}"
+    table = format_table(["part", "what", "params"], [list(row) for row in net.parts()], "llr")
+    size = net.structure.input_size
+    return f"{table}\n{count_params(net):,} parameters, {count_macs(net, size):,} MACs at {'x'.join(map(str, size))}"
 
 
 @cli.group()
@@ -751,6 +705,74 @@ def nas_show(genotype, cells, channels, num_classes, sg_reduction, macs):
     click.echo(f"{count_parameters(network):,} parameters{cost} ({cells} cells, C = {channels}, {num_classes} classes)")
 
 
+@cli.command("run")
+@click.argument("recipe_path", metavar="[RECIPE]", required=False, type=click.Path(dir_okay=False))
+@click.option("--demo", is_flag=True,
+              help="Run the built-in demo recipe: a network for CIFAR-10 classes 5-9 from the split-cifar zoo.")
+@click.option("--print-example", is_flag=True,
+              help="Print the demo recipe, with comments, as a template to start from, and exit.")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="Run directory (default: the recipe's `out`, else runs/NAME). Stages already done there are "
+                   "skipped.")
+@click.option("--force", is_flag=True, help="Run every stage afresh, replacing what the run directory holds.")
+@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+@click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Folder holding the datasets.")
+def run_cmd(recipe_path, demo, print_example, out_dir, force, threads, data_root):
+    """Run a whole DeRy reassembly from a YAML recipe: similarity, partition, search, stitch, train, eval.
+
+    Each stage writes the artifact its own verb writes, into one run directory: similarity/,
+    partition.json, search.json, net/ (stitched), net/train-MODE/ (trained), baselines/ (the zoo models
+    within the same budget, given a new head and trained the same way), eval.json, MODEL_CARD.md, and
+    recipe.resolved.yaml (the recipe with every default filled in). At the end it prints the reassembled
+    network next to those zoo models.
+
+    Running the same command again skips every stage that is done; a stage whose recipe section changed,
+    whose input changed or whose artifact is missing or corrupt runs again, and so does everything after
+    it; an interrupted stage resumes (similarity batches, training epochs). --force starts afresh.
+
+    \b
+    A recipe (only data.target, zoo and search.budget are required; docs/run.md lists every key):
+      data:
+        target: cifar10[5:10]          # the task the network is for
+        max_per_class: 300             # training images per class
+      zoo: split-cifar                 # shipped models (names, or a group)
+      similarity: {data: 'cifar10[0:5]', probe_size: 500}
+      partition: {k: 4}
+      search:
+        budget: {params: 0.5M, macs: 60M}
+        proxy: naswot
+      train: {modes: [frozen], epochs: 1}
+
+    \b
+    reassembly run --print-example > my.yaml     a commented template
+    reassembly run my.yaml --out runs/mine
+    reassembly run --demo                        the built-in demo (3-6 minutes on 2 CPU cores)
+    """
+    from .pipeline import demo_path, example_text, run_recipe
+    from .pipeline.report import comparison_table
+
+    if print_example:
+        click.echo(example_text(), nl=False)
+        return
+    if demo == (recipe_path is not None):
+        raise click.UsageError("give a RECIPE file, or --demo for the built-in one (--print-example prints it)")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    source = demo_path() if demo else recipe_path
+    command = "reassembly run " + ("--demo" if demo else recipe_path) + (f" --out {out_dir}" if out_dir else "")
+    result = run_recipe(source, out_dir, force=force, data_root=data_root, progress=sys.stderr.isatty(),
+                        echo=click.echo, command=command)
+    if not result.finished:
+        return
+    click.echo("")
+    click.echo(comparison_table(result.eval))
+    modes = result.recipe.train.modes
+    final = result.out / "net" / (f"train-{modes[-1]}" if modes else "")
+    click.echo(f"\nthe reassembled network: {final}; its model card: {result.out / 'MODEL_CARD.md'}")
+
+
 @cli.command("search")
 @click.argument("partition_dir", metavar="DIR", type=click.Path(exists=True))
 @click.option("--data", "data_spec", required=True,
@@ -777,12 +799,15 @@ def nas_show(genotype, cells, channels, num_classes, sg_reduction, macs):
               help="How the top-k are enumerated: branching on no-good cuts (fast) or adding them as rows.")
 @click.option("--time-limit", type=float, default=None,
               help="Seconds per solve; a solve stopped early reports its optimality gap.")
+@click.option("--max-per-class", type=int, default=None,
+              help="Draw the proxy's images only from this many training images per class (the subset `reassembly "
+                   "stitch/train --max-per-class` use).")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
 @click.option("--out", default=None, type=click.Path(dir_okay=False),
               help="Where to write the result (default: search.json beside partition.json).")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Folder holding the datasets.")
 def search_cmd(partition_dir, data_spec, params, macs, latency, min_params, min_macs, min_latency, proxy, top_k, seed,
-               batches, batch_size, order, method, time_limit, threads, out, data_root):
+               batches, batch_size, order, method, time_limit, max_per_class, threads, out, data_root):
     """DeRy stage 3: pick one block per equivalence set, within a budget, ranked by a training-free proxy.
 
     DIR holds partition.json (from `reassembly partition`). Every block gets a proxy term, measured inside its
@@ -811,7 +836,7 @@ def search_cmd(partition_dir, data_spec, params, macs, latency, min_params, min_
     budget = Budget.parse(params, macs, latency, min_params, min_macs, min_latency)
     record = search_stage(partition_dir, data_spec, budget, proxy=proxy, top_k=top_k, seed=seed, batches=batches,
                           batch_size=batch_size, order=order, method=method, time_limit=time_limit, out=out,
-                          data_root=data_root, progress=sys.stderr.isatty())
+                          data_root=data_root, max_per_class=max_per_class, progress=sys.stderr.isatty())
     program = record["program"]
     latency_column = any("latency_ms" in c for c in record["candidates"])
     headers = ["rank", "program", record["proxy"]["name"], "params", "MACs"] + (["ms"] if latency_column else []) + \

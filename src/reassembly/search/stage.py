@@ -63,9 +63,11 @@ def _finite(value: float) -> float | None:
 def search_stage(directory: str | Path, data: str, budget: Budget, *, proxy: str = "naswot", top_k: int = 20,
                  seed: int = 0, batches: int = 5, batch_size: int = 32, order: str = "dery",
                  method: str = "partition", time_limit: float | None = None, out: str | Path | None = None,
-                 data_root=None, latency_repeats: int = 20, progress: bool = False) -> dict:
+                 data_root=None, latency_repeats: int = 20, max_per_class: int | None = None,
+                 progress: bool = False) -> dict:
     """Search the partition in ``directory`` for the networks within ``budget`` that ``proxy`` ranks best on
-    ``data``'s training images; write ``search.json`` (default: beside the partition) and return its record."""
+    ``data``'s training images; write ``search.json`` (default: beside the partition) and return its record.
+    ``max_per_class`` draws the proxy's images only from the seeded subset that stitching and training use."""
     from ..data import load_dataset
     from ..stitch import build_network
 
@@ -86,7 +88,8 @@ def search_stage(directory: str | Path, data: str, budget: Budget, *, proxy: str
     clock = time.perf_counter()
     datasets, raw = {}, {}
     for size in sorted({s.input_size for s in sources.values()}):
-        datasets[size] = load_dataset(data, "train", root=data_root, image_size=size[1], channels=size[0])
+        datasets[size] = load_dataset(data, "train", root=data_root, image_size=size[1], channels=size[0],
+                                      max_per_class=max_per_class, seed=0)  # the subset training uses
         if len(datasets[size]) < 2:
             raise ReassemblyError(f"{datasets[size].name} train holds {len(datasets[size])} images; the proxies "
                                   "need at least two")
@@ -185,7 +188,8 @@ def search_stage(directory: str | Path, data: str, budget: Budget, *, proxy: str
         "budget_text": budget.describe(),
         "proxy": {"name": scorer.name, "description": scorer.description,
                   "better": "higher" if scorer.higher_is_better else "lower"},
-        "settings": {"top_k": top_k, "seed": seed, "batches": len(next(iter(raw.values()))),
+        "settings": {"top_k": top_k, "seed": seed, "max_per_class": max_per_class,
+                     "batches": len(next(iter(raw.values()))),
                      "batch_size": batch_size, "order": order, "resolution": "trained",
                      "init": "default (seeded)", "latency_repeats": latency_repeats if "latency" in budget.resources else None},
         "program": program,

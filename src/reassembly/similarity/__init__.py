@@ -5,7 +5,7 @@ Reads dissected models and probe images; writes ``similarity.json`` with one npz
 """
 
 from .cka import SimilarityError, StreamingCKA, linear_cka
-from .stage import SimilarityRun, ZooMember, compute_similarity, load_similarity, load_zoo
+from .stage import SimilarityRun, ZooMember, compute_similarity, load_similarity, load_zoo, similarity_stage
 
 __all__ = ["SimilarityError", "SimilarityRun", "StreamingCKA", "ZooMember", "compute_similarity", "linear_cka",
-           "load_similarity", "load_zoo"]
+           "load_similarity", "load_zoo", "similarity_stage"]

@@ -291,6 +291,35 @@ def compute_similarity(
     return run
 
 
+def similarity_stage(zoo: str, data: str, out_dir: str | Path, *, split: str = "train", probe_size: int = 2000,
+                     seed: int = 0, image_size: int | None = None, data_root=None, batch_size: int = 250,
+                     estimator: str = "minibatch", token_pool: str = "mean", debiased: bool = True,
+                     heatmaps: bool = True, progress: bool = True,
+                     stop_after: int | None = None) -> SimilarityRun | None:
+    """``reassembly similarity``: load the shipped models of ``zoo`` (names or a group, see :func:`load_zoo`), draw
+    ``probe_size`` images of ``data``'s ``split`` at random with ``seed`` and run :func:`compute_similarity` into
+    ``out_dir``. The draw is recorded in the settings, so the same call resumes an unfinished run or returns the
+    finished one."""
+    from ..data import load_dataset
+
+    if probe_size < 1:
+        raise ReassemblyError(f"--probe-size {probe_size} leaves the probe set empty; give at least 4 images")
+    if batch_size < 4:
+        raise ReassemblyError(f"--batch-size {batch_size} is too small: unbiased HSIC needs batches of at least 4")
+    members = load_zoo(zoo, image_size)
+    size = members[0].input_size[1]
+    images = load_dataset(data, split, root=data_root, image_size=size, channels=3)
+    if len(images) == 0:
+        raise ReassemblyError(f"{images.name} {split} holds no images: the probe set would be empty")
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:probe_size]
+    probe = images.subset(order)
+    settings = {"zoo": zoo, "data": images.name, "split": split, "probe_size": len(probe), "seed": seed,
+                "image_size": size}
+    return compute_similarity(members, probe, out_dir, settings=settings, batch_size=batch_size, estimator=estimator,
+                              token_pool=token_pool, debiased=debiased, heatmaps=heatmaps, progress=progress,
+                              stop_after=stop_after)
+
+
 def _resume(accumulator: StreamingCKA, path: Path, record: dict) -> int:
     """Load a saved partial run into ``accumulator``; return how many of this rank's batches it covers."""
     if not path.is_file():

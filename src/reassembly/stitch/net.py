@@ -276,6 +276,24 @@ class ReassembledNet(nn.Module):
     def specs(self) -> list[str]:
         return [ref.spec for ref in self.structure.blocks]
 
+    def parts(self) -> list[tuple[str, str, int]]:
+        """``(part, what, parameters)`` for the stem, each block and stitch in order, and the head."""
+        from ..measure import count_params
+
+        structure = self.structure
+        rows = [("stem", "new conv stem" if structure.stem.kind == "new" else "(the first block's own)",
+                 count_params(self.stem))]
+        for k, (ref, block) in enumerate(zip(structure.blocks, self.blocks)):
+            if k:
+                stitch = self.stitches[k - 1]
+                rows.append((f"stitch {k - 1}", stitch.extra_repr() if stitch.plan.kind != "identity" else "(none)",
+                             count_params(stitch)))
+            nodes = f"{ref.nodes[0]}..{ref.nodes[-1]}" if len(ref.nodes) > 1 else ref.nodes[0]
+            rows.append((f"block {k}", f"{ref.spec} ({nodes})", count_params(block)))
+        rows.append(("head", f"{structure.head.source.format} -> {structure.head.num_classes} classes",
+                     count_params(self.head)))
+        return rows
+
 
 def plan_network(chains: list[NodeChain], ranges: list[tuple[int, int]], blocks: list[nn.Module],
                  refs: list[BlockRef], num_classes: int, stem: str = "new", token_pool: str = "mean",
