@@ -10,7 +10,8 @@ Physical extraction, assembly and parameter scaling are not built yet (docs/lego
 """
 
 from .contribution import Contributions, LayerContribution, accumulate_contributions, compute_contributions
+from .locate import ALPHA, BETA, ComponentMasks, LayerMask, channel_graph, locate_component
 from .samples import SampleSelection, select_samples
 
-__all__ = ["Contributions", "LayerContribution", "SampleSelection", "accumulate_contributions",
-           "compute_contributions", "select_samples"]
+__all__ = ["ALPHA", "BETA", "ComponentMasks", "Contributions", "LayerContribution", "LayerMask", "SampleSelection",
+           "accumulate_contributions", "channel_graph", "compute_contributions", "locate_component", "select_samples"]
