@@ -20,6 +20,14 @@ from safetensors.torch import load_file, save_file
 from .errors import CheckpointError
 from .io import atomic_path
 
+
+class ClassCountError(CheckpointError):
+    """A checkpoint whose classifier has another number of classes than the model it is loaded into."""
+
+    def __init__(self, message: str, checkpoint_classes: int, model_classes: int):
+        super().__init__(message)
+        self.checkpoint_classes, self.model_classes = checkpoint_classes, model_classes
+
 TORCH_SUFFIXES = {".pt", ".pth", ".th", ".bin", ".ckpt", ".tar"}
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "ema")
 STRIP_PREFIXES = ("module.", "_orig_mod.")
@@ -48,6 +56,9 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
             warnings.simplefilter("ignore", UserWarning)
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if not _looks_like_torch_file(path):
+            raise CheckpointError(f"{path} is not a torch checkpoint (neither a torch zip archive nor a pickle); "
+                                  "is it the right file, and complete?") from None
         reason = str(exc).splitlines()[0] if str(exc) else "it holds Python objects"
         raise CheckpointError(
             f"refusing {path}: reading it would unpickle arbitrary Python objects, which can run code ({reason}). "
@@ -56,6 +67,16 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     except Exception as exc:
         raise CheckpointError(f"{path} is not a readable torch checkpoint ({type(exc).__name__}: {exc})") from None
     return _unwrap(obj, path)
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    """Whether ``path`` starts like a file torch.save writes: a zip archive, or a pickle (protocol 2+)."""
+    import zipfile
+
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as handle:
+        return handle.read(1) == b"\x80"
 
 
 def _unwrap(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -107,10 +128,9 @@ def load_into(model: nn.Module, path: str | Path, model_name: str | None = None)
     if wrong_shape:
         classes = _classifier_width_mismatch(model, state, wrong_shape)
         if classes is not None:
-            raise CheckpointError(
+            raise ClassCountError(
                 f"{path} was trained for {classes[0]} classes but model {label} was built with {classes[1]}: "
-                f"pass --num-classes {classes[0]} (or num_classes={classes[0]}), or evaluate on data with "
-                f"{classes[0]} classes"
+                f"pass --num-classes {classes[0]} (or num_classes={classes[0]})", classes[0], classes[1]
             )
         details = ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong_shape[:3])
         raise CheckpointError(f"{path} does not fit model {label}: shape mismatch in {details}")
@@ -163,8 +183,18 @@ def convert_trusted_pickle(src: str | Path, dst: str | Path) -> Path:
     src = Path(src)
     if not src.is_file():
         raise CheckpointError(f"checkpoint not found: {src}")
-    obj = torch.load(str(src), map_location="cpu", weights_only=False)
+    if not _looks_like_torch_file(src):
+        raise CheckpointError(f"{src} is not a torch checkpoint (neither a torch zip archive nor a pickle); is it the "
+                              "right file, and complete?")
+    try:
+        obj = torch.load(str(src), map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise CheckpointError(f"{src} is not a readable torch checkpoint ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
     if isinstance(obj, nn.Module):
         obj = obj.state_dict()
     state, metadata = _unwrap(obj, src)
-    return save_checkpoint(state, dst, metadata={**metadata, "converted_from": src.name})
+    try:
+        return save_checkpoint(state, dst, metadata={**metadata, "converted_from": src.name})
+    except OSError as exc:
+        raise CheckpointError(f"cannot write {dst}: {exc.strerror or exc}") from None

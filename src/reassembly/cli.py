@@ -13,16 +13,58 @@ from .errors import ReassemblyError
 from .text import format_table, human
 
 
+class OneLineUsageError(click.UsageError):
+    """A usage error shown on one line (click's own adds the usage and a 'Try --help' line)."""
+
+    def show(self, file=None) -> None:
+        where = f" (see `{self.ctx.command_path} --help`)" if self.ctx is not None else ""
+        click.echo(f"Error: {self.format_message()}{where}", err=True, file=file)
+
+
 class FriendlyGroup(click.Group):
-    """Turn library errors into one-line messages and a non-zero exit (set REASSEMBLY_DEBUG=1 for tracebacks)."""
+    """Turn library errors into one-line messages and a non-zero exit: 1 for a failure, 2 for a usage error (set
+    REASSEMBLY_DEBUG=1, or pass --debug, for tracebacks)."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:
+            if isinstance(exc, OneLineUsageError) or os.environ.get("REASSEMBLY_DEBUG"):
+                raise
+            raise OneLineUsageError(exc.format_message(), exc.ctx) from None
         except ReassemblyError as exc:
             if os.environ.get("REASSEMBLY_DEBUG"):
                 raise
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:  # a file or folder that cannot be read or written
+            if os.environ.get("REASSEMBLY_DEBUG") or exc.strerror is None:
+                raise
+            names = " -> ".join(str(n) for n in (exc.filename, exc.filename2) if n is not None)
+            raise click.ClickException(f"{exc.strerror}{': ' + names if names else ''}") from None
+
+
+POSITIVE = click.IntRange(min=1)
+
+
+class OutputFile(click.Path):
+    """A file the command will write: refused up front when it is '-', a directory, or in a folder that cannot be
+    created or written, so that no work is lost at the end."""
+
+    def __init__(self):
+        super().__init__(dir_okay=False, writable=True)
+
+    def convert(self, value, param, ctx):
+        if value == "-":
+            self.fail("'-' (standard output) is not supported here; give a file path", param, ctx)
+        path = Path(super().convert(value, param, ctx))
+        folder = path.absolute().parent
+        while not folder.exists():
+            folder = folder.parent
+        if not folder.is_dir():
+            self.fail(f"{value!r} cannot be created: {folder} is a file, not a folder", param, ctx)
+        if not os.access(folder, os.W_OK):
+            self.fail(f"{value!r} cannot be created: {folder} is not writable", param, ctx)
+        return str(path)
 
 
 def parse_input_size(text: str | None) -> tuple[int, int, int] | None:
@@ -37,16 +79,49 @@ def parse_input_size(text: str | None) -> tuple[int, int, int] | None:
     return size
 
 
-def write_json(path: str, payload) -> None:
+def write_json(path: str, payload, announce: bool = True) -> None:
+    """Write ``payload`` atomically (a failure leaves no partial file) and say so."""
     from .io import write_text
 
     write_text(path, json.dumps(payload, indent=2) + "\n")
-    click.echo(f"wrote {path}")
+    if announce:
+        click.echo(f"wrote {path}")
+
+
+def build_model(name: str, num_classes=None, checkpoint=None, pretrained=False):
+    """The model a MODEL argument names: a saved network directory (`reassembly stitch`), a shipped zoo model (with
+    its weights), an architecture, or timm:NAME."""
+    from .zoo import create_model
+
+    if Path(name).is_dir():
+        from .stitch.io import load_net
+
+        if pretrained or checkpoint or num_classes:
+            raise click.UsageError(f"{name} is a saved network with its own weights and classes; drop --pretrained, "
+                                   "--checkpoint and --num-classes")
+        return load_net(name)
+    if pretrained and checkpoint:
+        raise click.UsageError("give either --pretrained or --checkpoint, not both")
+    if not pretrained and is_shipped(name):
+        if checkpoint:
+            raise click.UsageError(f"{name} is a shipped model with its own weights; for an architecture with your "
+                                   "checkpoint, name the architecture (see `reassembly zoo list`)")
+        pretrained = True
+    return create_model(name, num_classes=num_classes, checkpoint=checkpoint, pretrained=pretrained)
+
+
+def is_shipped(name: str) -> bool:
+    """Whether ``name`` is a shipped pretrained model rather than an architecture."""
+    from .zoo import list_models
+    from .zoo.pretrained import load_manifest
+
+    return name not in list_models() and any(e.name == name for e in load_manifest())
 
 
 @click.group(cls=FriendlyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="reassembly")
-def cli():
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors (as REASSEMBLY_DEBUG=1).")
+def cli(debug):
     """Build new networks out of the parts of pretrained ones.
 
     \b
@@ -59,8 +134,10 @@ def cli():
       reassembly eval --model cifar_resnet20 --checkpoint W.th --data cifar10
 
     Datasets are looked up under --data-root, else $REASSEMBLY_DATA, else ../shared/data beside the
-    checkout, else ~/.cache/reassembly/data. Set REASSEMBLY_DEBUG=1 to see tracebacks.
+    checkout, else ~/.cache/reassembly/data. Set REASSEMBLY_DEBUG=1 (or pass --debug) to see tracebacks.
     """
+    if debug:
+        os.environ["REASSEMBLY_DEBUG"] = "1"
 
 
 @cli.group()
@@ -80,6 +157,9 @@ def zoo_list(archs: bool, pattern: str, markdown: bool):
 
     if archs:
         rows = []
+        if not list_models(pattern):
+            raise ReassemblyError(f"no architecture matches --filter {pattern!r} (`reassembly zoo list --archs` lists "
+                                  "them all)")
         for name in list_models(pattern):
             info = model_info(name)
             model = create_model(name)
@@ -87,10 +167,14 @@ def zoo_list(archs: bool, pattern: str, markdown: bool):
                          human(count_params(model)), human(count_macs(model, info.input_size))])
         click.echo(format_table(["architecture", "family", "input", "classes", "params", "MACs"], rows, "lllrrr"))
         return
-    entries = [e for e in load_manifest() if __import__("fnmatch").fnmatch(e.name, pattern)]
-    if not entries:
+    shipped = load_manifest()
+    entries = [e for e in shipped if __import__("fnmatch").fnmatch(e.name, pattern)]
+    if not shipped:
         click.echo("No pretrained weights are shipped yet (see `reassembly zoo list --archs` for the architectures).")
         return
+    if not entries:
+        raise ReassemblyError(f"no shipped model matches --filter {pattern!r}; shipped: "
+                              f"{', '.join(e.name for e in shipped)}")
     headers = ["model", "architecture", "trained on", "test top-1 %", "params", "MACs", "epochs", "seed"]
     rows = [[e.name, e.architecture, e.source_data, f"{e.test_accuracy:.2f}", human(e.params), human(e.macs),
              e.epochs, e.seed] for e in entries]
@@ -105,10 +189,10 @@ def zoo_list(archs: bool, pattern: str, markdown: bool):
 @click.argument("names", nargs=-1)
 @click.option("--out", default="runs/zoo", show_default=True, type=click.Path(file_okay=False),
               help="Run directories go here (one per model); an interrupted run resumes from its last epoch.")
-@click.option("--epochs", type=int, default=None, help="Override the recipe's epochs (recorded in the manifest).")
+@click.option("--epochs", type=POSITIVE, default=None, help="Override the recipe's epochs (recorded in the manifest).")
 @click.option("--ship/--no-ship", default=True, show_default=True,
               help="Copy finished weights into the package and update the manifest and model card.")
-@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+@click.option("--threads", type=POSITIVE, default=None, help="torch CPU threads (default: torch's choice).")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Folder holding the datasets.")
 def zoo_train(names, out, epochs, ship, threads, data_root):
     """Train zoo models by recipe name (all recipes when no NAMES are given), resumably, then ship them.
@@ -158,33 +242,45 @@ def zoo_recipes():
 
 @cli.command()
 @click.argument("model_name", metavar="MODEL")
-@click.option("--num-classes", type=int, default=None, help="Classifier width (default: the architecture's).")
+@click.option("--num-classes", type=POSITIVE, default=None, help="Classifier width (default: the architecture's).")
 @click.option("--input-size", default=None, help="C,H,W for counting MACs (default: the architecture's).")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="Weights to load first.")
-@click.option("--depth", type=int, default=None,
+@click.option("--depth", type=POSITIVE, default=None,
               help="Fold the layer table to this module depth (1 = top-level children; default: every layer).")
-@click.option("--json", "json_out", default=None, help="Also write the table as JSON to this path.")
+@click.option("--json", "json_out", default=None, type=OutputFile(), help="Also write the table as JSON to this path.")
 def info(model_name, num_classes, input_size, checkpoint, depth, json_out):
-    """Parameters, MACs at an input size, and a layer table for MODEL (a zoo name or timm:NAME)."""
+    """Parameters, MACs at an input size, and a layer table for MODEL: an architecture, a shipped zoo model (with
+    its weights), a saved network directory (`reassembly stitch`), or timm:NAME."""
     from .measure import count_macs, count_params, layer_table
-    from .zoo import create_model
 
-    model = create_model(model_name, num_classes=num_classes, checkpoint=checkpoint)
+    model = build_model(model_name, num_classes=num_classes, checkpoint=checkpoint)
     size = parse_input_size(input_size) or _default_input_size(model_name, model)
-    rows = layer_table(model, size, max_depth=depth)
-    params, macs = count_params(model), count_macs(model, size)
+    check_input_channels(model_name, model, size[0], "--input-size " + ",".join(map(str, size)),
+                         "--input-size " + ",".join(map(str, _default_input_size(model_name, model))))
+    try:
+        rows = layer_table(model, size, max_depth=depth)
+        params, macs = count_params(model), count_macs(model, size)
+    except (RuntimeError, ValueError) as exc:
+        raise ReassemblyError(f"{model_name} does not run on an input of size {'x'.join(map(str, size))}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    if json_out:  # written first: printing may fail (a closed pipe) but the file is then complete
+        write_json(json_out, {"model": model_name, "input_size": list(size), "params": params, "macs": macs,
+                              "layers": [r.__dict__ | {"out_shape": list(r.out_shape)} for r in rows]},
+                   announce=False)
     click.echo(f"{model_name}: {params:,} parameters, {macs:,} MACs ({human(macs)}) at input {'x'.join(map(str, size))}")
     click.echo(format_table(["layer", "type", "output", "params", "MACs"],
                             [[r.name, r.kind, "x".join(map(str, r.out_shape)), f"{r.params:,}", f"{r.macs:,}"]
                              for r in rows], "lllrr"))
     if json_out:
-        write_json(json_out, {"model": model_name, "input_size": list(size), "params": params, "macs": macs,
-                              "layers": [r.__dict__ | {"out_shape": list(r.out_shape)} for r in rows]})
+        click.echo(f"wrote {json_out}")
 
 
 def _default_input_size(model_name: str, model=None) -> tuple[int, int, int]:
     from .zoo import model_info
 
+    structure = getattr(model, "structure", None)
+    if structure is not None and hasattr(structure, "input_size"):  # a saved network
+        return tuple(structure.input_size)
     if model_name.startswith("timm:"):
         cfg = getattr(model, "pretrained_cfg", None) or {}
         return tuple(cfg.get("input_size", (3, 224, 224)))
@@ -192,18 +288,37 @@ def _default_input_size(model_name: str, model=None) -> tuple[int, int, int]:
     return model_info(name).input_size
 
 
+def input_channels(model) -> int | None:
+    """The channels the model's first convolution takes (None when it starts otherwise)."""
+    import torch.nn as nn
+
+    for module in model.modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            return module.in_channels
+        if isinstance(module, (nn.Linear, nn.MultiheadAttention)):
+            return None
+    return None
+
+
+def check_input_channels(model_name: str, model, channels: int, given: str, fix: str) -> None:
+    expected = input_channels(model)
+    if expected is not None and channels != expected:
+        raise ReassemblyError(f"{model_name} takes {expected}-channel images but {given} has {channels}: "
+                              f"pass {fix}")
+
+
 @cli.command()
 @click.argument("model_name", metavar="MODEL")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="Weights to load first.")
 @click.option("--pretrained", is_flag=True, help="Load the weights shipped with the package.")
-@click.option("--num-classes", type=int, default=None, help="Classifier width (default: the architecture's).")
+@click.option("--num-classes", type=POSITIVE, default=None, help="Classifier width (default: the architecture's).")
 @click.option("--input-size", default=None, help="C,H,W of one input (default: the architecture's).")
 @click.option("--granularity", type=click.Choice(["block", "stage", "fine"]), default="block", show_default=True,
               help="block: one node per residual/transformer block; stage: per resolution stage; fine: every "
                    "legal cut.")
 @click.option("--cuts", default=None,
               help="Comma-separated module names to cut after instead (works for models torch.fx cannot trace).")
-@click.option("--json", "json_out", default=None, help="Write the node chain as JSON to this path.")
+@click.option("--json", "json_out", default=None, type=OutputFile(), help="Write the node chain as JSON to this path.")
 def dissect(model_name, checkpoint, pretrained, num_classes, input_size, granularity, cuts, json_out):
     """Cut MODEL into a chain of atomic nodes (stem, body..., head) and check that the blocks recompose it.
 
@@ -213,102 +328,143 @@ def dissect(model_name, checkpoint, pretrained, num_classes, input_size, granula
     \b
     reassembly dissect cifar_resnet20
     reassembly dissect mobilenext_100 --granularity stage --json mobilenext.json
-    reassembly dissect my_net --cuts layer1,layer2,layer3
+    reassembly dissect resnet20_cifar5 --cuts layer1,layer2,layer3
+    reassembly dissect runs/net                  a saved network (reassembly stitch)
+
+    MODEL is an architecture, a shipped zoo model (with its weights), a saved network directory, or timm:NAME.
     """
     import torch
 
     from .graph import dissect as dissect_model
-    from .zoo import create_model
 
-    model = create_model(model_name, num_classes=num_classes, checkpoint=checkpoint, pretrained=pretrained)
+    model = build_model(model_name, num_classes=num_classes, checkpoint=checkpoint, pretrained=pretrained)
     size = parse_input_size(input_size) or _default_input_size(model_name, model)
-    cut_names = [c.strip() for c in cuts.split(",") if c.strip()] if cuts else None
+    check_input_channels(model_name, model, size[0], "--input-size " + ",".join(map(str, size)),
+                         "--input-size " + ",".join(map(str, _default_input_size(model_name, model))))
+    cut_names = None
+    if cuts is not None:
+        cut_names = [c.strip() for c in cuts.split(",") if c.strip()]
+        if not cut_names:
+            raise click.BadParameter(f"{cuts!r} names no module; give module names in the order they run, e.g. "
+                                     "layer1,layer2", param_hint="'--cuts'")
     chain = dissect_model(model, size, granularity=granularity, cuts=cut_names, name=model_name)
     example = torch.randn(2, *size, generator=torch.Generator().manual_seed(1))
     error = chain.verify(example)
+    if json_out:  # written before printing, so that a failed print loses nothing
+        write_json(json_out, chain.to_dict(), announce=False)
     click.echo(chain.summary())
     opaque = f"; kept whole (untraceable): {', '.join(chain.opaque)}" if chain.opaque else ""
     click.echo(f"{len(chain)} nodes; blocks recompose the model (relative error {error:.1e}){opaque}")
     if json_out:
-        write_json(json_out, chain.to_dict())
+        click.echo(f"wrote {json_out}")
 
 
 @cli.command("eval")
 @click.option("--model", "model_name", required=True,
-              help="Zoo architecture or pretrained name, timm:NAME, or a saved network directory (reassembly stitch).")
+              help="A shipped zoo model (scored with its weights), an architecture with --checkpoint, timm:NAME, or a "
+                   "saved network directory (reassembly stitch).")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
               help="Weights: .safetensors, or a torch file readable with weights_only=True.")
 @click.option("--pretrained", is_flag=True, help="Load the weights shipped with the package.")
+@click.option("--random-weights", is_flag=True,
+              help="Score an architecture with its random initialisation on purpose (a chance-level baseline).")
 @click.option("--data", "data_spec", required=True, help="Dataset, e.g. cifar10, 'cifar10[0:5]', fashion_mnist.")
 @click.option("--split", type=click.Choice(["train", "test"]), default="test", show_default=True)
 @click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Folder holding the datasets.")
-@click.option("--num-classes", type=int, default=None, help="Classifier width (default: the dataset's classes).")
-@click.option("--image-size", type=int, default=None, help="Resize images to this square size (e.g. 32).")
-@click.option("--channels", type=int, default=None, help="Replicate/average image channels to this count.")
-@click.option("--batch-size", type=int, default=256, show_default=True)
-@click.option("--limit", type=int, default=None, help="Evaluate only the first N images.")
-@click.option("--json", "json_out", default=None, help="Write the result as JSON to this path.")
-def eval_cmd(model_name, checkpoint, pretrained, data_spec, split, data_root, num_classes, image_size, channels,
-             batch_size, limit, json_out):
+@click.option("--num-classes", type=POSITIVE, default=None, help="Classifier width (default: the dataset's classes).")
+@click.option("--image-size", type=POSITIVE, default=None, help="Resize images to this square size (e.g. 32).")
+@click.option("--channels", type=POSITIVE, default=None, help="Replicate/average image channels to this count.")
+@click.option("--batch-size", type=POSITIVE, default=256, show_default=True)
+@click.option("--limit", type=POSITIVE, default=None,
+              help="Evaluate a seeded, class-balanced sample of N images of the split (see --seed).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the --limit sample.")
+@click.option("--json", "json_out", default=None, type=OutputFile(), help="Write the result as JSON to this path.")
+def eval_cmd(model_name, checkpoint, pretrained, random_weights, data_spec, split, data_root, num_classes, image_size,
+             channels, batch_size, limit, seed, json_out):
     """Top-1 (and top-5) accuracy of a model on a dataset split.
 
     Launched on several processes (`accelerate launch`, `torchrun`), each evaluates a part of the split; the main
     process reports the whole split's result.
     """
-    from .checkpoint import load_into
-    from .data import load_dataset, normalization_of
+    from .checkpoint import ClassCountError, load_into
+    from .data import balanced_sample, load_dataset, normalization_of
     from .train import evaluate
     from .train.processes import join_processes
-    from .zoo import create_model
 
     if pretrained and checkpoint:
         raise click.UsageError("give either --pretrained or --checkpoint, not both")
     network = None
+    shipped = not Path(model_name).is_dir() and (pretrained or is_shipped(model_name))
     if Path(model_name).is_dir():  # a saved network (reassembly stitch / train): it holds its own weights
-        from .stitch.io import load_net
-
-        if pretrained or checkpoint:
-            raise click.UsageError(f"{model_name} is a saved network with its own weights; drop --pretrained and "
-                                   "--checkpoint")
-        network = load_net(model_name)
+        if pretrained or checkpoint or random_weights:
+            raise click.UsageError(f"{model_name} is a saved network with its own weights; drop --pretrained, "
+                                   "--checkpoint and --random-weights")
+        network = build_model(model_name)
         size = network.structure.input_size
         image_size, channels = image_size or size[1], channels or size[0]
-    if pretrained:  # read the images the way the shipped model was trained on them unless told otherwise
+    elif shipped:  # read the images the way the shipped model was trained on them unless told otherwise
         from .zoo.pretrained import manifest_entry
 
+        if checkpoint or random_weights:
+            raise click.UsageError(f"{model_name} is a shipped model with its own weights; drop --checkpoint and "
+                                   "--random-weights (name its architecture to score other weights)")
         entry = manifest_entry(model_name)
         image_size, channels = image_size or entry.image_size, channels or entry.channels
+    elif checkpoint is None and not random_weights:
+        raise click.UsageError(f"{model_name} has no weights to score: give --checkpoint FILE, name a shipped model "
+                               "(`reassembly zoo list`), or pass --random-weights to score a random initialisation "
+                               "on purpose")
+    elif checkpoint is not None and random_weights:
+        raise click.UsageError("give either --checkpoint or --random-weights, not both")
     dataset = load_dataset(data_spec, split, root=data_root, image_size=image_size, channels=channels)
+    whole = len(dataset)
     if limit is not None:
-        dataset = dataset.subset(range(min(limit, len(dataset))))
+        dataset = balanced_sample(dataset, limit, seed=seed)
     classes = num_classes or dataset.num_classes
     metadata = {}
     if network is not None:
         model = network
-    elif pretrained:
-        model = create_model(model_name, pretrained=True)
+    elif shipped:
+        model = build_model(model_name, pretrained=True)
         metadata = getattr(model, "reassembly_metadata", {})
     else:
-        model = create_model(model_name, num_classes=classes)
+        model = build_model(model_name, num_classes=classes)
         if checkpoint:
-            metadata = load_into(model, checkpoint, model_name=model_name)
+            try:
+                metadata = load_into(model, checkpoint, model_name=model_name)
+            except ClassCountError as exc:
+                if num_classes is not None:
+                    raise
+                raise ReassemblyError(
+                    f"{checkpoint} was trained for {exc.checkpoint_classes} classes but {dataset.name} has "
+                    f"{dataset.num_classes}: evaluate it on data with {exc.checkpoint_classes} classes (e.g. the "
+                    "dataset or class subset it was trained on)") from None
+    size = _default_input_size(model_name, model) if not model_name.startswith("timm:") else None
+    fix = f"--channels {size[0]} --image-size {size[1]}" if size else f"--channels {input_channels(model)}"
+    check_input_channels(model_name, model, dataset.image_size[0], f"{dataset.name}", fix)
     mean, std = normalization_of(model, metadata)
     processes = join_processes()
     result = evaluate(model, dataset, mean, std, batch_size=batch_size, device=processes.device,
                       progress=sys.stderr.isatty())
     if not processes.is_main_process:
         return
-    top5 = f", top-5 {result.top5:.2f}%" if result.top5 is not None else ""
-    click.echo(f"{model_name} on {dataset.name} {split}: top-1 {result.top1:.2f}%{top5} "
-               f"({result.images} images, mean loss {result.loss:.4f})")
-    if json_out:
+    sample = None
+    if limit is not None:
+        sample = {"images": len(dataset), "of": whole, "seed": seed, "class_balanced": True}
+    if json_out:  # written before printing: a failed print must not lose the result
         write_json(json_out, {"model": model_name, "checkpoint": checkpoint, "data": dataset.name, "split": split,
-                              **result.as_dict()})
+                              "sample": sample, **result.as_dict()}, announce=False)
+    top5 = f", top-5 {result.top5:.2f}%" if result.top5 is not None else ""
+    drawn = (f": a class-balanced sample (seed {seed}) of the split's {whole:,}" if sample is not None else "")
+    click.echo(f"{model_name} on {dataset.name} {split}: top-1 {result.top1:.2f}%{top5} "
+               f"({result.images} images{drawn}, mean loss {result.loss:.4f})")
+    if json_out:
+        click.echo(f"wrote {json_out}")
 
 
 @cli.command()
 @click.argument("src", type=click.Path(dir_okay=False))
-@click.argument("dst", type=click.Path(dir_okay=False))
+@click.argument("dst", type=OutputFile())
 @click.option("--trust-pickle", is_flag=True, required=True,
               help="Required: confirm that SRC comes from a source you trust (reading it runs its pickled code).")
 def convert(src, dst, trust_pickle):
@@ -323,12 +479,12 @@ def convert(src, dst, trust_pickle):
               help="Comma-separated shipped model names, or a group: split-cifar (the Split-CIFAR zoo).")
 @click.option("--data", "data_spec", required=True, help="Probe images, e.g. 'cifar10[0:5]' (labels are not used).")
 @click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True)
-@click.option("--probe-size", type=int, default=2000, show_default=True,
+@click.option("--probe-size", type=POSITIVE, default=2000, show_default=True,
               help="Images drawn at random (seeded) from the split; the whole split if it has fewer.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Output directory (similarity.json, cka/*.npz, heatmaps/*.png); an unfinished run there resumes.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the probe-image draw.")
-@click.option("--batch-size", type=int, default=250, show_default=True)
+@click.option("--batch-size", type=POSITIVE, default=250, show_default=True)
 @click.option("--estimator", type=click.Choice(["minibatch", "exact"]), default="minibatch", show_default=True,
               help="minibatch: unbiased HSIC averaged over batches (Nguyen et al. 2021), cheap whatever the feature "
                    "widths; exact: the full-batch CKA from streamed sufficient statistics (costs D_a x D_b per image "
@@ -337,7 +493,7 @@ def convert(src, dst, trust_pickle):
               help="Which CKA the input/output matrices hold (both kinds are always stored in the pair files).")
 @click.option("--token-pool", type=click.Choice(["mean", "cls"]), default="mean", show_default=True,
               help="How token features become one vector: mean over all tokens (as DeRy), or the class token.")
-@click.option("--image-size", type=int, default=None, help="Resize probe images to this square size.")
+@click.option("--image-size", type=POSITIVE, default=None, help="Resize probe images to this square size.")
 @click.option("--heatmaps/--no-heatmaps", default=True, show_default=True, help="Write a PNG per model pair.")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Folder holding the datasets.")
 def similarity(zoo_spec, data_spec, split, probe_size, out_dir, seed, batch_size, estimator, debiased, token_pool,
@@ -370,7 +526,7 @@ def similarity(zoo_spec, data_spec, split, probe_size, out_dir, seed, batch_size
 
 @cli.command("partition")
 @click.argument("similarity_dir", metavar="DIR", type=click.Path(file_okay=False))
-@click.option("--k", type=int, default=4, show_default=True, help="Blocks per model = number of equivalence sets.")
+@click.option("--k", type=POSITIVE, default=4, show_default=True, help="Blocks per model = number of equivalence sets.")
 @click.option("--eps", type=float, default=0.2, show_default=True,
               help="Size slack: a block holds at most (1 + eps) / K of its model (see --size).")
 @click.option("--size", type=click.Choice(["nodes", "params"]), default="nodes", show_default=True,
@@ -382,8 +538,8 @@ def similarity(zoo_spec, data_spec, split, probe_size, out_dir, seed, batch_size
                                       "first-node-output stand-in for the input.")
 @click.option("--debiased/--biased", default=True, show_default=True,
               help="Which CKA to read (the similarity run stores both kinds).")
-@click.option("--restarts", type=int, default=50, show_default=True, help="Random restarts.")
-@click.option("--iterations", type=int, default=50, show_default=True, help="Iterations per restart at most.")
+@click.option("--restarts", type=POSITIVE, default=50, show_default=True, help="Random restarts.")
+@click.option("--iterations", type=POSITIVE, default=50, show_default=True, help="Iterations per restart at most.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", default=None, type=click.Path(dir_okay=False),
               help="Where to write the partition (default DIR/partition.json; the diagram goes beside it as .png).")
@@ -423,9 +579,9 @@ def partition_cmd(similarity_dir, k, eps, size, general, block_similarity, debia
 @click.option("--init", type=click.Choice(["least-squares", "default"]), default="least-squares", show_default=True,
               help="least-squares: fit the stem, stitches and head in closed form on probe images; default: "
                    "PyTorch's initialisation (the DeRy paper's).")
-@click.option("--probe-size", type=int, default=1000, show_default=True,
+@click.option("--probe-size", type=POSITIVE, default=1000, show_default=True,
               help="Training images of --data used by the least-squares fit.")
-@click.option("--max-per-class", type=int, default=None,
+@click.option("--max-per-class", type=POSITIVE, default=None,
               help="Draw probe images only from this many training images per class (the subset `reassembly "
                    "train --max-per-class` trains on).")
 @click.option("--stem", type=click.Choice(["new", "none"]), default="new", show_default=True,
@@ -475,10 +631,10 @@ def stitch_cmd(blocks, choice, data_spec, out_dir, init, probe_size, max_per_cla
                                                          "split is evaluated after each epoch).")
 @click.option("--mode", type=click.Choice(["frozen", "full"]), default="frozen", show_default=True,
               help="frozen: train the stem, stitches and head only (DeRy's FZ); full: train everything (FT).")
-@click.option("--epochs", type=int, default=None, help="Epochs (default: the recipe's, 10).")
+@click.option("--epochs", type=POSITIVE, default=None, help="Epochs (default: the recipe's, 10).")
 @click.option("--lr", type=float, default=None, help="Peak AdamW learning rate (default 1e-3).")
-@click.option("--batch-size", type=int, default=None, help="Global batch size (default 128).")
-@click.option("--max-per-class", type=int, default=None,
+@click.option("--batch-size", type=POSITIVE, default=None, help="Global batch size (default 128).")
+@click.option("--max-per-class", type=POSITIVE, default=None,
               help="Train on this many images per class (one fixed seeded draw), e.g. 1000 for Split-CIFAR.")
 @click.option("--augment/--no-augment", default=True, show_default=True,
               help="Random crops (4 px padding) during training.")
@@ -572,25 +728,25 @@ def nas():
               help="Dataset whose training split is searched on (the test split is never read), e.g. cifar10.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Run directory; running the same command again resumes after the last finished epoch.")
-@click.option("--epochs", type=int, default=8, show_default=True, help="Search epochs (DARTS: 50).")
-@click.option("--cells", type=int, default=5, show_default=True,
+@click.option("--epochs", type=POSITIVE, default=8, show_default=True, help="Search epochs (DARTS: 50).")
+@click.option("--cells", type=POSITIVE, default=5, show_default=True,
               help="Cells of the search network; the ones at 1/3 and 2/3 of the depth reduce (DARTS: 8).")
-@click.option("--channels", type=int, default=8, show_default=True, help="C, the first cells' width (DARTS: 16).")
-@click.option("--subset", type=int, default=3_000, show_default=True,
+@click.option("--channels", type=POSITIVE, default=8, show_default=True, help="C, the first cells' width (DARTS: 16).")
+@click.option("--subset", type=POSITIVE, default=3_000, show_default=True,
               help="Training images drawn (with --seed); half train the weights, half the architecture "
                    "(DARTS: all 50,000).")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Images per step and half (DARTS: 64).")
+@click.option("--batch-size", type=POSITIVE, default=32, show_default=True, help="Images per step and half (DARTS: 64).")
 @click.option("--order", default="first", show_default=True,
               help="first: alpha follows the validation gradient at the current weights; second: after a virtual "
                    "weight step (DARTS's unrolled update, about 3x the cost).")
-@click.option("--sg-reduction", type=int, default=2, show_default=True,
+@click.option("--sg-reduction", type=POSITIVE, default=2, show_default=True,
               help="t of the sandglass operations: their hidden width is C // t.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the image draw, init and data order.")
 @click.option("--lr", type=float, default=0.025, show_default=True, help="Weights' learning rate (cosine to 0.001).")
 @click.option("--arch-lr", type=float, default=3e-3, show_default=True,
               help="Adam learning rate of alpha (DARTS: 3e-4 over about 20,000 steps; raised tenfold for the few "
                    "hundred steps of a CPU search, so that alpha can move at all).")
-@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+@click.option("--threads", type=POSITIVE, default=None, help="torch CPU threads (default: torch's choice).")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Folder holding the datasets.")
 def nas_search(space, data_spec, out_dir, epochs, cells, channels, subset, batch_size, order, sg_reduction, seed, lr,
                arch_lr, threads, data_root):
@@ -631,21 +787,21 @@ def nas_search(space, data_spec, out_dir, epochs, cells, channels, subset, batch
               help="Dataset: trained on its train split, evaluated on its test split after every epoch.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Run directory; running the same command again resumes an unfinished run.")
-@click.option("--epochs", type=int, default=10, show_default=True, help="Training epochs (DARTS: 600).")
-@click.option("--cells", type=int, default=8, show_default=True, help="Cells of the network (DARTS: 20).")
-@click.option("--channels", type=int, default=16, show_default=True, help="C, the first cells' width (DARTS: 36).")
-@click.option("--batch-size", type=int, default=96, show_default=True)
+@click.option("--epochs", type=POSITIVE, default=10, show_default=True, help="Training epochs (DARTS: 600).")
+@click.option("--cells", type=POSITIVE, default=8, show_default=True, help="Cells of the network (DARTS: 20).")
+@click.option("--channels", type=POSITIVE, default=16, show_default=True, help="C, the first cells' width (DARTS: 36).")
+@click.option("--batch-size", type=POSITIVE, default=96, show_default=True)
 @click.option("--lr", type=float, default=0.025, show_default=True, help="SGD learning rate (cosine to 0).")
 @click.option("--drop-path", type=float, default=0.0, show_default=True,
               help="Drop-path probability, reached linearly by the end of the run (DARTS: 0.2 over 600 epochs).")
-@click.option("--subset", type=int, default=10_000, show_default=True,
+@click.option("--subset", type=POSITIVE, default=10_000, show_default=True,
               help="Train on at most this many training images, a fixed seeded draw (50000: all of CIFAR-10, as DARTS).")
-@click.option("--sg-reduction", type=int, default=None,
+@click.option("--sg-reduction", type=POSITIVE, default=None,
               help="Override the genotype's sandglass t (default: the genotype's, 2 unless it says otherwise).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--channels-last/--no-channels-last", default=True, show_default=True,
               help="NHWC memory layout (on CPU about 1.7x faster for these depthwise and dilated convs).")
-@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+@click.option("--threads", type=POSITIVE, default=None, help="torch CPU threads (default: torch's choice).")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Folder holding the datasets.")
 def nas_train(genotype, data_spec, out_dir, epochs, cells, channels, batch_size, lr, drop_path, subset, sg_reduction,
               seed, channels_last, threads, data_root):
@@ -679,10 +835,10 @@ def nas_train(genotype, data_spec, out_dir, epochs, cells, channels, batch_size,
 
 @nas.command("show")
 @click.argument("genotype", metavar="GENOTYPE")
-@click.option("--cells", type=int, default=20, show_default=True, help="Cells of the evaluation network.")
-@click.option("--channels", type=int, default=36, show_default=True, help="C of the evaluation network.")
-@click.option("--num-classes", type=int, default=10, show_default=True)
-@click.option("--sg-reduction", type=int, default=None, help="Override the genotype's sandglass t.")
+@click.option("--cells", type=POSITIVE, default=20, show_default=True, help="Cells of the evaluation network.")
+@click.option("--channels", type=POSITIVE, default=36, show_default=True, help="C of the evaluation network.")
+@click.option("--num-classes", type=POSITIVE, default=10, show_default=True)
+@click.option("--sg-reduction", type=POSITIVE, default=None, help="Override the genotype's sandglass t.")
 @click.option("--macs", is_flag=True, help="Also count MACs at 3x32x32 (about 15 s for 20 cells).")
 def nas_show(genotype, cells, channels, num_classes, sg_reduction, macs):
     """Print a genotype's cells and the parameters of its evaluation network (auxiliary head excluded).
@@ -715,7 +871,7 @@ def nas_show(genotype, cells, channels, num_classes, sg_reduction, macs):
               help="Run directory (default: the recipe's `out`, else runs/NAME). Stages already done there are "
                    "skipped.")
 @click.option("--force", is_flag=True, help="Run every stage afresh, replacing what the run directory holds.")
-@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+@click.option("--threads", type=POSITIVE, default=None, help="torch CPU threads (default: torch's choice).")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Folder holding the datasets.")
 def run_cmd(recipe_path, demo, print_example, out_dir, force, threads, data_root):
     """Run a whole DeRy reassembly from a YAML recipe: similarity, partition, search, stitch, train, eval.
@@ -786,12 +942,12 @@ def run_cmd(recipe_path, demo, print_example, out_dir, force, threads, data_root
 @click.option("--min-latency", default=None, help="Least latency, e.g. 1ms.")
 @click.option("--proxy", default="naswot", show_default=True,
               help="naswot, synflow, jacob_cov, grad_norm, params, macs, or MODULE:FUNCTION for your own.")
-@click.option("--top-k", type=int, default=20, show_default=True,
+@click.option("--top-k", type=POSITIVE, default=20, show_default=True,
               help="Networks the program enumerates, best first; each is assembled and scored by the proxy.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the target batches and of the stem, stitch and head initialisation.")
-@click.option("--batches", type=int, default=5, show_default=True, help="Target batches the proxy averages over.")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Images per target batch.")
+@click.option("--batches", type=POSITIVE, default=5, show_default=True, help="Target batches the proxy averages over.")
+@click.option("--batch-size", type=POSITIVE, default=32, show_default=True, help="Images per target batch.")
 @click.option("--order", type=click.Choice(["dery", "any"]), default="dery", show_default=True,
               help="dery: no transformer block before a CNN block and a CNN block first (the official rule); any: "
                    "every pair a stitch can join.")
@@ -799,10 +955,10 @@ def run_cmd(recipe_path, demo, print_example, out_dir, force, threads, data_root
               help="How the top-k are enumerated: branching on no-good cuts (fast) or adding them as rows.")
 @click.option("--time-limit", type=float, default=None,
               help="Seconds per solve; a solve stopped early reports its optimality gap.")
-@click.option("--max-per-class", type=int, default=None,
+@click.option("--max-per-class", type=POSITIVE, default=None,
               help="Draw the proxy's images only from this many training images per class (the subset `reassembly "
                    "stitch/train --max-per-class` use).")
-@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+@click.option("--threads", type=POSITIVE, default=None, help="torch CPU threads (default: torch's choice).")
 @click.option("--out", default=None, type=click.Path(dir_okay=False),
               help="Where to write the result (default: search.json beside partition.json).")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Folder holding the datasets.")

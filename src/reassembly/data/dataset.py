@@ -86,6 +86,21 @@ class ImageDataset(Dataset):
         return f"ImageDataset({self.name!r}, {len(self)} images {self.image_size}, {self.num_classes} classes)"
 
 
+def balanced_sample(dataset: ImageDataset, n: int, seed: int = 0) -> ImageDataset:
+    """``n`` images of ``dataset`` drawn with ``seed``, as evenly over the classes as they allow: every class gives
+    ``n // classes`` or one more (a small class gives all it has and the others make up the rest), in split order."""
+    if n >= len(dataset):
+        return dataset
+    rng = np.random.default_rng(seed)
+    labels = dataset.labels.numpy()
+    pools = [rng.permutation(np.flatnonzero(labels == c)) for c in range(dataset.num_classes)]
+    pools = [pool for pool in pools if len(pool)]
+    rank = np.concatenate([np.arange(len(pool)) for pool in pools])  # a class's k-th draw comes in round k
+    tie = np.concatenate([np.full(len(pool), order) for pool, order in zip(pools, rng.permutation(len(pools)))])
+    indices = np.concatenate(pools)[np.lexsort((tie, rank))[:n]]
+    return dataset.subset(np.sort(indices))
+
+
 def load_dataset(
     spec: str | DatasetSpec,
     split: str = "train",

@@ -9,6 +9,7 @@ import gzip
 import io
 import os
 import struct
+import sys
 import zipfile
 from pathlib import Path
 
@@ -38,7 +39,11 @@ def data_roots(root: str | os.PathLike | None = None) -> list[Path]:
         return [Path(root)]
     candidates = []
     if os.environ.get("REASSEMBLY_DATA"):
-        candidates.append(Path(os.environ["REASSEMBLY_DATA"]))
+        env = Path(os.environ["REASSEMBLY_DATA"])
+        if not env.is_dir():
+            raise DatasetError(f"REASSEMBLY_DATA={env} is not a folder: point it at the folder holding the datasets, "
+                               "or unset it")
+        candidates.append(env)
     candidates += [REPO_ROOT.parent / "shared" / "data", Path.cwd().parent / "shared" / "data", cache_dir() / "data"]
     unique = []
     for c in candidates:
@@ -48,11 +53,18 @@ def data_roots(root: str | os.PathLike | None = None) -> list[Path]:
 
 
 def _find(roots: list[Path], names: list[str]) -> Path | None:
-    for root in roots:
+    for index, root in enumerate(roots):
         for name in names:
             if (root / name).exists():
+                env = os.environ.get("REASSEMBLY_DATA")
+                if index > 0 and env and roots[0] == Path(env):  # say so rather than fall back without a word
+                    _note(f"{' or '.join(names)} is not in REASSEMBLY_DATA={env}; using {root / name}")
                 return root / name
     return None
+
+
+def _note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr)
 
 
 def _not_found(what: str, roots: list[Path], names: list[str], how: str) -> DatasetError:
@@ -63,12 +75,19 @@ def _not_found(what: str, roots: list[Path], names: list[str], how: str) -> Data
 def _cached(key: str, build) -> tuple[np.ndarray, np.ndarray]:
     path = cache_dir() / f"{key}.npz"
     if path.is_file():
-        with np.load(path) as data:
-            return data["images"], data["labels"]
+        try:
+            with np.load(path) as data:
+                return data["images"], data["labels"]
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            _note(f"the decode cache {path} is unreadable ({type(exc).__name__}); decoding again")
     images, labels = build()
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as handle:
-            np.savez(handle, images=images, labels=labels)
+    try:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as handle:
+                np.savez(handle, images=images, labels=labels)
+    except OSError as exc:  # the cache only saves time: go on without it
+        _note(f"cannot write the decode cache {path} ({exc.strerror or exc}); set REASSEMBLY_CACHE to a writable "
+              "folder to decode only once")
     return images, labels
 
 
@@ -130,6 +149,8 @@ def load_fashion_mnist(split: str, root=None) -> tuple[np.ndarray, np.ndarray, t
     folder = _find(roots, folders)
     if folder is None and root is None and FASHION_MNIST_SYSTEM_DIR.is_dir():
         folder = FASHION_MNIST_SYSTEM_DIR
+        if os.environ.get("REASSEMBLY_DATA"):
+            _note(f"fashion-mnist is not in REASSEMBLY_DATA={os.environ['REASSEMBLY_DATA']}; using {folder}")
     if folder is None:
         raise _not_found("Fashion-MNIST", roots + [FASHION_MNIST_SYSTEM_DIR.parent], folders,
                          "install it with `apt-get install dataset-fashion-mnist`, or put the four idx files "

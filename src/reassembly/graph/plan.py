@@ -397,7 +397,10 @@ def _named_cuts(context: _Context, names: list[str], head: int | None) -> list[i
     """The cuts after the last operation of each named module; none may fall inside the head, which stays one node."""
     flow = context.flow
     last_seen = _last_operations(flow)
+    if not names:
+        raise DissectionError("no cut named: give at least one module name to cut after (e.g. layer1,layer2)")
     cuts = set()
+    previous = None
     for name in names:
         if name not in last_seen:
             raise DissectionError(
@@ -421,6 +424,12 @@ def _named_cuts(context: _Context, names: list[str], head: int | None) -> list[i
                 f"cut after `{name}` falls inside the head, which starts at `{where}` (global pooling or token "
                 "selection and what follows) and stays one node; name a module before it"
             )
+        if previous is not None and cut <= previous[1]:
+            raise DissectionError(
+                f"cuts must name modules in the order they run, each once: `{name}` does not end after "
+                f"`{previous[0]}`"
+            )
+        previous = (name, cut)
         cuts.add(cut)
     return sorted(cuts)
 
