@@ -161,7 +161,7 @@ def test_cli_errors_are_one_line_and_write_nothing(tmp_path):
     out = tmp_path / "sim"
     cases = [
         (["--zoo", "resnet20_cifar5,no_such_model", "--data", "cifar10[0:5]"], "no shipped model named no_such_model"),
-        (["--zoo", "resnet20_cifar5,vit_cifar5", "--data", "cifar10[0:5]", "--probe-size", "0"], "probe set empty"),
+        (["--zoo", "resnet20_cifar5,vit_cifar5", "--data", "cifar10[0:5]", "--probe-size", "0"], "'--probe-size'"),
         (["--zoo", "resnet20_cifar5,vit_cifar5", "--data", "cifar10[0:5]", "--probe-size", "3"], "at least 4"),
         (["--zoo", "resnet20_cifar5,vit_cifar5", "--data", "cifar10[0:5]", "--image-size", "24",
           "--probe-size", "8"], "vit_cifar5 fails on an input of size (3, 24, 24)"),

@@ -850,10 +850,6 @@ def nas_show(genotype, cells, channels, num_classes, sg_reduction, macs):
     from .measure import count_macs
     from .nas import NetworkCIFAR, count_parameters, load_genotype
 
-    for name, value in (("cells", cells), ("channels", channels), ("num-classes", num_classes),
-                        ("sg-reduction", sg_reduction)):
-        if value is not None and value < 1:
-            raise ReassemblyError(f"--{name} must be positive, got {value}")
     cell = load_genotype(genotype)
     network = NetworkCIFAR(cell, channels, num_classes, cells, sg_reduction=sg_reduction)
     click.echo(cell.describe())

@@ -1,0 +1,384 @@
+"""Bad input to the command line (issue 13): every case ends in one line on stderr, exit code 2 for a usage error and
+1 for a failure, no traceback (unless --debug / REASSEMBLY_DEBUG=1) and no partial output.
+
+The tests run the CLI in-process (click's CliRunner) on a tiny CIFAR-10 / Fashion-MNIST made here, so that they are
+fast and need no downloaded data.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from reassembly.cli import cli
+from reassembly.data import balanced_sample
+from reassembly.data.dataset import ImageDataset
+
+PER_CLASS = 3  # test images per class in the tiny datasets
+
+
+def _jpeg(rng) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def _idx(path: Path, array: np.ndarray) -> None:
+    path.write_bytes(struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+                     + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    """A folder with a tiny cifar10-jpg.zip (PER_CLASS test images per class) and a tiny Fashion-MNIST."""
+    from reassembly.data.sources import CIFAR10_CLASSES
+
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    with zipfile.ZipFile(root / "cifar10-jpg.zip", "w") as archive:
+        for name in CIFAR10_CLASSES:
+            for i in range(PER_CLASS):
+                archive.writestr(f"test/{name}/{i:04d}.jpg", _jpeg(rng))
+    fashion = root / "fashion-mnist"
+    fashion.mkdir()
+    _idx(fashion / "t10k-images-idx3-ubyte", rng.integers(0, 256, (10 * PER_CLASS, 28, 28)))
+    _idx(fashion / "t10k-labels-idx1-ubyte", np.repeat(np.arange(10), PER_CLASS))
+    return root
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    """cifar_resnet20 weights for 10 classes (random, but a real checkpoint)."""
+    from reassembly import create_model, save_checkpoint
+
+    path = tmp_path_factory.mktemp("weights") / "w.safetensors"
+    save_checkpoint(create_model("cifar_resnet20"), path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("REASSEMBLY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("REASSEMBLY_DEBUG", "")  # recorded, so that --debug's setting is undone after the test
+    monkeypatch.delenv("REASSEMBLY_DEBUG")
+    monkeypatch.delenv("REASSEMBLY_DATA", raising=False)
+
+
+def invoke(*args, env=None):
+    return CliRunner().invoke(cli, [str(a) for a in args], env=env)
+
+
+def assert_one_line_error(result, code: int, *needles: str) -> str:
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not _progress_or_note(line)]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def _progress_or_note(line: str) -> bool:
+    """A decoding progress bar (first use of a dataset) or a note; neither is the error."""
+    return line.startswith("note: ") or line.startswith("decoding ")
+
+
+def assert_ok(result):
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    return result
+
+
+def files_in(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+# --- sizes and counts: 0 and negatives are usage errors (exit 2) --------------------------------------------------
+
+NON_POSITIVE = [
+    ("eval", "--batch-size", "0"), ("eval", "--image-size", "0"), ("eval", "--num-classes", "0"),
+    ("eval", "--channels", "0"), ("eval", "--limit", "0"), ("eval", "--limit", "-5"),
+    ("info", "--num-classes", "0"), ("info", "--depth", "0"), ("dissect", "--num-classes", "-1"),
+    ("similarity", "--batch-size", "0"), ("similarity", "--probe-size", "0"), ("similarity", "--image-size", "0"),
+    ("partition", "--k", "0"), ("stitch", "--probe-size", "0"), ("train", "--epochs", "0"),
+    ("train", "--batch-size", "0"), ("search", "--top-k", "0"), ("search", "--batch-size", "0"),
+    ("zoo train", "--epochs", "0"), ("zoo train", "--threads", "0"), ("nas show", "--num-classes", "0"),
+]
+BASE_ARGS = {
+    "eval": ["--model", "resnet20_cifar5", "--data", "cifar10[0:5]"],
+    "info": ["cifar_resnet20"], "dissect": ["cifar_resnet20"],
+    "similarity": ["--zoo", "resnet20_cifar5", "--data", "cifar10[0:5]", "--out", "OUT"],
+    "partition": ["OUT"], "stitch": ["--blocks", "resnet20_cifar5:1-4", "--data", "cifar10[0:5]", "--out", "OUT"],
+    "train": ["OUT", "--data", "cifar10[0:5]"], "search": ["DIR", "--data", "cifar10[0:5]"],
+    "zoo train": ["resnet20_cifar5", "--out", "OUT"], "nas show": ["DARTS_V2"],
+}
+
+
+@pytest.mark.parametrize("verb, option, value", NON_POSITIVE, ids=[" ".join(c) for c in NON_POSITIVE])
+def test_non_positive_sizes_and_counts_are_usage_errors(tmp_path, verb, option, value):
+    out = tmp_path / "out"
+    args = [str(out) if a == "OUT" else str(tmp_path) if a == "DIR" else a for a in BASE_ARGS[verb]]
+    result = invoke(*verb.split(), *args, option, value)
+    assert_one_line_error(result, 2, f"'{option}'", "x>=1")
+    assert not out.exists()
+
+
+# --- output paths: refused before any work, written atomically and before printing ---------------------------------
+
+BAD_OUTPUTS = [("-", "standard output"), ("DIR", "is a directory"), ("FILE/out.json", "is a file, not a folder")]
+
+
+@pytest.mark.parametrize("verb", [["info", "cifar_resnet20"], ["dissect", "cifar_resnet20"],
+                                  ["eval", "--model", "resnet20_cifar5", "--data", "cifar10[0:5]"]],
+                         ids=["info", "dissect", "eval"])
+@pytest.mark.parametrize("target, message", BAD_OUTPUTS, ids=["dash", "directory", "under-a-file"])
+def test_bad_json_paths_are_refused_up_front(tmp_path, verb, target, message):
+    (tmp_path / "FILE").write_text("not a folder")
+    (tmp_path / "DIR").mkdir()
+    path = target if target == "-" else str(tmp_path / target)
+    result = invoke(*verb, "--json", path)
+    assert_one_line_error(result, 2, "'--json'", message)
+    assert result.stdout == ""  # nothing ran: no table, no result that the JSON then lost
+    assert files_in(tmp_path) == ["DIR", "FILE"] and files_in(tmp_path / "DIR") == []
+
+
+def _failing_replace(monkeypatch):
+    import reassembly.io
+
+    def refuse(src, dst):
+        raise PermissionError(13, "Permission denied", str(dst))
+
+    monkeypatch.setattr(reassembly.io.os, "replace", refuse)
+
+
+def test_eval_json_write_failure_is_one_line_and_leaves_nothing(tmp_path, data_root, monkeypatch):
+    _failing_replace(monkeypatch)
+    out = tmp_path / "results"
+    out.mkdir()
+    result = invoke("eval", "--model", "resnet20_cifar5", "--data", "cifar10[0:5]", "--data-root", data_root,
+                    "--json", out / "eval.json")
+    assert_one_line_error(result, 1, "Permission denied", "eval.json")
+    assert files_in(out) == []  # no partial file and no temporary left behind
+
+
+def test_eval_writes_the_json_before_printing(tmp_path, data_root, monkeypatch):
+    import click
+
+    echoed = []
+
+    def echo_checking(message=None, *args, **kwargs):
+        echoed.append((message, (tmp_path / "eval.json").is_file()))
+
+    monkeypatch.setattr(click, "echo", echo_checking)
+    result = invoke("eval", "--model", "resnet20_cifar5", "--data", "cifar10[0:5]", "--data-root", data_root,
+                    "--json", tmp_path / "eval.json")
+    assert result.exit_code == 0, result.output
+    top1 = [written for message, written in echoed if message and "top-1" in message]
+    assert top1 == [True]
+    record = json.loads((tmp_path / "eval.json").read_text())
+    assert record["images"] == 5 * PER_CLASS and record["sample"] is None
+
+
+def test_info_json_write_failure_is_one_line(tmp_path, monkeypatch):
+    _failing_replace(monkeypatch)
+    result = invoke("info", "cifar_resnet20", "--json", tmp_path / "info.json")
+    assert_one_line_error(result, 1, "Permission denied", "info.json")
+    assert files_in(tmp_path) == []
+
+
+# --- eval: weights, sampling, channels, class counts ----------------------------------------------------------------
+
+def test_eval_refuses_random_weights_unless_asked(data_root):
+    args = ["eval", "--model", "cifar_resnet20", "--data", "cifar10", "--data-root", data_root]
+    assert_one_line_error(invoke(*args), 2, "no weights to score", "--checkpoint", "--random-weights")
+    assert "top-1" in assert_ok(invoke(*args, "--random-weights")).stdout
+
+
+def test_eval_limit_is_a_seeded_class_balanced_sample(tmp_path, data_root):
+    args = ["eval", "--model", "resnet20_cifar5", "--data", "cifar10[0:5]", "--data-root", data_root, "--limit", "5"]
+    first = assert_ok(invoke(*args, "--json", tmp_path / "a.json"))
+    assert "5 images: a class-balanced sample (seed 0)" in first.stdout
+    record = json.loads((tmp_path / "a.json").read_text())
+    assert record["sample"] == {"images": 5, "of": 5 * PER_CLASS, "seed": 0, "class_balanced": True}
+    again = assert_ok(invoke(*args))
+    assert again.stdout == first.stdout.replace(f"wrote {tmp_path / 'a.json'}\n", "")
+
+
+def test_balanced_sample_spreads_over_the_classes():
+    labels = torch.arange(4).repeat_interleave(torch.tensor([50, 30, 2, 18]))  # class-sorted, as the splits are
+    data = ImageDataset(torch.zeros(len(labels), 1, 2, 2, dtype=torch.uint8), labels, ("a", "b", "c", "d"), "toy")
+    sample = balanced_sample(data, 10, seed=3)
+    assert sorted(torch.bincount(sample.labels, minlength=4).tolist()) == [2, 2, 3, 3]
+    counts = torch.bincount(balanced_sample(data, 40, seed=0).labels, minlength=4).tolist()
+    assert counts[2] == 2 and sorted(counts) == [2, 12, 13, 13]  # the small class gives all it has
+    assert torch.equal(balanced_sample(data, 10, seed=3).labels, sample.labels)
+    assert len(balanced_sample(data, 1000)) == len(data)
+
+
+def test_eval_channel_mismatch_suggests_a_fix_that_works(data_root, weights):
+    args = ["eval", "--model", "cifar_resnet20", "--checkpoint", weights, "--data", "fashion_mnist",
+            "--data-root", data_root]
+    assert_one_line_error(invoke(*args), 1, "takes 3-channel images", "fashion_mnist has 1",
+                          "--channels 3 --image-size 32")
+    assert "top-1" in assert_ok(invoke(*args, "--channels", "3", "--image-size", "32")).stdout
+
+
+def test_eval_class_count_mismatch_suggests_a_fix_that_works(data_root, weights):
+    args = ["eval", "--model", "cifar_resnet20", "--checkpoint", weights, "--data-root", data_root]
+    line = assert_one_line_error(invoke(*args, "--data", "cifar10[0:5]"), 1, "trained for 10 classes",
+                                 "cifar10[0:5] has 5", "data with 10 classes")
+    assert "--num-classes" not in line  # it would build a 10-class model that then fails on 5-class data
+    assert_ok(invoke(*args, "--data", "cifar10"))
+
+
+def test_info_class_count_suggestion_works(weights):
+    assert_one_line_error(invoke("info", "cifar_resnet20", "--num-classes", "5", "--checkpoint", weights), 1,
+                          "trained for 10 classes", "--num-classes 10")
+    assert_ok(invoke("info", "cifar_resnet20", "--num-classes", "10", "--checkpoint", weights))
+
+
+def test_info_input_size_with_the_wrong_channels(tmp_path):
+    result = invoke("info", "cifar_resnet20", "--input-size", "1,32,32", "--json", tmp_path / "info.json")
+    assert_one_line_error(result, 1, "takes 3-channel images", "--input-size 3,32,32")
+    assert files_in(tmp_path) == []
+
+
+# --- datasets: decode cache, REASSEMBLY_DATA --------------------------------------------------------------------------
+
+def test_corrupt_decode_cache_is_decoded_again(tmp_path, data_root):
+    args = ["eval", "--model", "resnet20_cifar5", "--data", "cifar10[0:5]", "--data-root", data_root]
+    first = assert_ok(invoke(*args))
+    cached = list((tmp_path / "cache").glob("*.npz"))
+    assert len(cached) == 1
+    cached[0].write_bytes(b"\x00garbage" * 10)
+    second = assert_ok(invoke(*args))
+    assert second.stdout == first.stdout
+    assert "decode cache" in second.stderr and "unreadable" in second.stderr
+    with np.load(cached[0]) as data:  # rebuilt
+        assert len(data["labels"]) == 10 * PER_CLASS
+
+
+def test_unwritable_cache_directory_is_a_note_not_a_crash(tmp_path, data_root):
+    (tmp_path / "not-a-folder").write_text("")
+    result = invoke("eval", "--model", "resnet20_cifar5", "--data", "cifar10[0:5]", "--data-root", data_root,
+                    env={"REASSEMBLY_CACHE": str(tmp_path / "not-a-folder" / "cache")})
+    assert "top-1" in assert_ok(result).stdout
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "cannot write the decode cache" in notes[0] and "REASSEMBLY_CACHE" in notes[0]
+
+
+def test_reassembly_data_naming_a_missing_folder(tmp_path):
+    result = invoke("eval", "--model", "resnet20_cifar5", "--data", "cifar10[0:5]",
+                    env={"REASSEMBLY_DATA": str(tmp_path / "missing")})
+    assert_one_line_error(result, 1, f"REASSEMBLY_DATA={tmp_path / 'missing'} is not a folder")
+
+
+def test_reassembly_data_naming_an_empty_folder_says_where_it_looks_instead(tmp_path, data_root, monkeypatch):
+    import shutil
+
+    from reassembly.data import sources
+
+    fallback = tmp_path / "cache" / "data"  # the last place searched: the cache's data folder
+    fallback.mkdir(parents=True)
+    shutil.copy(data_root / "cifar10-jpg.zip", fallback)
+    checkout = tmp_path / "a" / "checkout"
+    checkout.mkdir(parents=True)
+    monkeypatch.setattr(sources, "REPO_ROOT", checkout)  # no ../shared/data beside it
+    monkeypatch.chdir(checkout)
+    (tmp_path / "empty").mkdir()
+    result = invoke("eval", "--model", "resnet20_cifar5", "--data", "cifar10[0:5]",
+                    env={"REASSEMBLY_DATA": str(tmp_path / "empty")})
+    assert "top-1" in assert_ok(result).stdout
+    assert f"note: cifar10-jpg.zip is not in REASSEMBLY_DATA={tmp_path / 'empty'}; using {fallback}" in result.stderr
+
+
+# --- checkpoints and convert --------------------------------------------------------------------------------------------
+
+def test_random_bytes_are_not_called_an_unsafe_pickle(tmp_path):
+    path = tmp_path / "junk.pt"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    path.write_bytes(b"\xea" + path.read_bytes()[1:])  # not the pickle opcode 0x80
+    line = assert_one_line_error(invoke("info", "cifar_resnet20", "--checkpoint", path), 1,
+                                 "is not a torch checkpoint")
+    assert "trust-pickle" not in line and "unpickle" not in line
+    assert_one_line_error(invoke("convert", path, tmp_path / "out.safetensors", "--trust-pickle"), 1,
+                          "is not a torch checkpoint")
+    assert files_in(tmp_path) == ["junk.pt"]
+
+
+def test_convert_into_a_bad_place(tmp_path):
+    from reassembly import create_model
+
+    source = tmp_path / "w.pt"
+    torch.save(create_model("cifar_resnet20").state_dict(), source)
+    (tmp_path / "FILE").write_text("")
+    assert_one_line_error(invoke("convert", source, tmp_path / "FILE" / "w.safetensors", "--trust-pickle"), 2,
+                          "'DST'", "is a file, not a folder")
+    assert_one_line_error(invoke("convert", source, tmp_path, "--trust-pickle"), 2, "'DST'", "is a directory")
+    assert files_in(tmp_path) == ["FILE", "w.pt"]
+
+
+def test_convert_write_failure_is_one_line(tmp_path, monkeypatch):
+    from reassembly import create_model
+
+    source = tmp_path / "w.pt"
+    torch.save(create_model("cifar_resnet20").state_dict(), source)
+    out = tmp_path / "out"
+    out.mkdir()
+    _failing_replace(monkeypatch)
+    assert_one_line_error(invoke("convert", source, out / "w.safetensors", "--trust-pickle"), 1,
+                          "cannot write", "Permission denied")
+    assert files_in(out) == []
+
+
+# --- model names, cuts, zoo filter, --debug ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("verb", ["info", "dissect"])
+def test_shipped_zoo_names_work_with_their_weights(verb):
+    result = assert_ok(invoke(verb, "resnet20_cifar5"))
+    assert "269,397" in result.stdout  # 5 classes: the shipped model, not the 10-class architecture (269,722)
+
+
+def test_eval_takes_a_shipped_name_without_pretrained(data_root):
+    args = ["--data", "cifar10[0:5]", "--data-root", data_root]
+    plain = assert_ok(invoke("eval", "--model", "resnet20_cifar5", *args))
+    assert plain.stdout == assert_ok(invoke("eval", "--model", "resnet20_cifar5", "--pretrained", *args)).stdout
+
+
+@pytest.mark.parametrize("cuts, code, needles", [
+    (",", 2, ["'--cuts'", "names no module"]),
+    ("layer3,layer1", 1, ["in the order they run", "`layer1`", "`layer3`"]),
+    ("layer1,layer1", 1, ["in the order they run"]),
+], ids=["empty", "out-of-order", "repeated"])
+def test_bad_cuts(tmp_path, cuts, code, needles):
+    result = invoke("dissect", "cifar_resnet20", "--cuts", cuts, "--json", tmp_path / "chain.json")
+    assert_one_line_error(result, code, *needles)
+    assert files_in(tmp_path) == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["zoo", "list", "--filter", "nomatch*"], "no shipped model matches --filter 'nomatch*'"),
+    (["zoo", "list", "--archs", "--filter", "nomatch*"], "no architecture matches --filter 'nomatch*'"),
+])
+def test_zoo_filter_matching_nothing(args, message):
+    line = assert_one_line_error(invoke(*args), 1, message)
+    assert "shipped yet" not in line
+
+
+def test_debug_flag_shows_the_traceback():
+    assert_one_line_error(invoke("info", "no_such_model"), 1, "unknown model 'no_such_model'")
+    result = invoke("--debug", "info", "no_such_model")
+    assert result.exit_code == 1 and "no_such_model" in str(result.exception)
+    assert not isinstance(result.exception, SystemExit)  # raised through: the caller gets the traceback
