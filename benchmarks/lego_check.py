@@ -38,12 +38,12 @@ from reassembly.lego.locate import locate_component
 from reassembly.train.evaluate import resolve_normalization
 
 
-def masked_logits(model, masks, inputs, mode: str, kinds=("conv", "linear"), batch_size=500):
+def masked_logits(model, masks, inputs, mode: str, kinds=("conv", "linear"), batch_size=500, only=None):
     """Logits of ``model`` with the component's dropped channels zeroed (see the module docstring)."""
     modules = dict(model.named_modules())
     handles = []
     for name, layer in masks.layers.items():
-        if layer.kind not in kinds:
+        if layer.kind not in kinds or only is not None and name != only:
             continue
         module = modules[name]
         if mode == "in":
@@ -106,6 +106,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--alpha-linear", type=float, default=None)
     ap.add_argument("--beta-linear", type=float, default=None)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--sweep", default=None, help="conv alpha:beta pairs, e.g. 0.3:0.2,0.1:0.1; only mask_in is "
+                    "evaluated for each (one contribution pass)")
+    ap.add_argument("--per-layer", action="store_true", help="also mask one layer's inputs at a time")
     ap.add_argument("--json", default=None, help="append the result line to this file")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -145,14 +148,29 @@ def main(argv=None) -> dict:
         "pool": args.pool, "alpha": masks.alpha, "beta": masks.beta, "test_images": len(rows),
         "full_all_logits": acc(full, False), "full_restricted": acc(full),
         "mask_in": acc(masked_logits(model, masks, x, "in")),
-        "mask_in_conv_only": acc(masked_logits(model, masks, x, "in", ("conv",))),
-        "mask_in_linear_only": acc(masked_logits(model, masks, x, "in", ("linear",))),
-        "mask_out_before_bn": acc(masked_logits(model, masks, x, "out")),
         "kept_out": {n: f"{len(l.keep_out)}/{l.out_channels}" for n, l in masks.layers.items()},
         "size": component_size(model, masks, test.image_size),
         "seconds_locate": round(t_locate, 1), "seconds_total": round(time.perf_counter() - t0, 1),
         "threads": args.threads,
     }
+    if not args.sweep:
+        result["mask_in_conv_only"] = acc(masked_logits(model, masks, x, "in", ("conv",)))
+        result["mask_in_linear_only"] = acc(masked_logits(model, masks, x, "in", ("linear",)))
+        result["mask_out_before_bn"] = acc(masked_logits(model, masks, x, "out"))
+    else:
+        result["sweep"] = []
+        for pair in args.sweep.split(","):
+            a, b = (float(v) for v in pair.split(":"))
+            m = locate_component(model, contrib, classes, input_size=tuple(test.image_size),
+                                 alpha={**alpha, "conv": a}, beta={**beta, "conv": b}, model_name=args.model)
+            size = component_size(model, m, test.image_size)["component"]
+            conv = [n for n, l in m.layers.items() if l.kind == "conv"]
+            result["sweep"].append({"alpha_conv": a, "beta_conv": b, "mask_in": acc(masked_logits(model, m, x, "in")),
+                                    "conv_channels_kept": sum(len(m.layers[n].keep_out) for n in conv),
+                                    "params": size["params"], "macs": size["macs"]})
+    if args.per_layer:
+        result["mask_in_one_layer"] = {name: acc(masked_logits(model, masks, x, "in", only=name))
+                                       for name in masks.layers}
     line = json.dumps(result)
     print(line)
     if args.json:
