@@ -38,7 +38,8 @@ from reassembly.lego.locate import locate_component
 from reassembly.train.evaluate import resolve_normalization
 
 
-def masked_logits(model, masks, inputs, mode: str, kinds=("conv", "linear"), batch_size=500, only=None):
+def masked_logits(model, masks, inputs, mode: str, kinds=("conv", "linear"), batch_size=500, only=None,
+                  bias=None):
     """Logits of ``model`` with the component's dropped channels zeroed (see the module docstring)."""
     modules = dict(model.named_modules())
     handles = []
@@ -52,6 +53,9 @@ def masked_logits(model, masks, inputs, mode: str, kinds=("conv", "linear"), bat
             shape = (1, -1, 1, 1) if isinstance(module, nn.Conv2d) else (1, -1)
             handles.append(module.register_forward_pre_hook(
                 lambda m, args, keep=keep, shape=shape: (args[0] * keep.view(shape).to(args[0].dtype),)))
+            if bias is not None and name in bias:
+                handles.append(module.register_forward_hook(
+                    lambda m, args, out, b=bias[name], shape=shape: out + b.view(shape).to(out.dtype)))
         else:
             keep = torch.zeros(layer.out_channels, dtype=torch.bool)
             keep[layer.keep_out] = True
@@ -64,6 +68,52 @@ def masked_logits(model, masks, inputs, mode: str, kinds=("conv", "linear"), bat
     finally:
         for h in handles:
             h.remove()
+
+
+@torch.no_grad()
+def compensations(model, masks, inputs, batch_size=250) -> dict[str, torch.Tensor]:
+    """Per conv/linear layer, the mean (over ``inputs`` and output positions) of what its DROPPED input channels add
+    to each output channel, measured in the full model. Adding it as a bias after zeroing those inputs is what
+    pruning them and folding their mean contribution into the layer's bias (or its BN's running mean) does."""
+    modules = dict(model.named_modules())
+    sums, hooks = {}, []
+    for name, layer in masks.layers.items():
+        module = modules[name]
+        drop = torch.ones(layer.in_channels, dtype=torch.bool)
+        drop[layer.keep_in] = False
+        if not drop.any():
+            continue
+
+        def hook(m, args, out, name=name, drop=drop):
+            x = args[0]
+            if isinstance(m, nn.Conv2d):
+                part = m._conv_forward(x * drop.view(1, -1, 1, 1).to(x.dtype), m.weight, None).mean((2, 3))
+            else:
+                part = (x * drop.to(x.dtype)) @ m.weight.T
+            sums[name] = sums.get(name, 0) + part.double().sum(0)
+        hooks.append(module.register_forward_hook(hook))
+    try:
+        for i in range(0, len(inputs), batch_size):
+            model(inputs[i:i + batch_size])
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name: (total / len(inputs)).float() for name, total in sums.items()}
+
+
+def recalibrated(model, masks, inputs, batch_size=250):
+    """A copy of ``model`` whose batch-norm statistics are re-estimated on ``inputs`` (the selected training
+    samples) with the component's masks applied: no gradient step, BN running mean/var only."""
+    import copy
+
+    twin = copy.deepcopy(model).eval()
+    norms = [m for m in twin.modules() if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches
+        m.train()
+    masked_logits(twin, masks, inputs, "in", batch_size=batch_size)
+    return twin.eval()
 
 
 def component_size(model, masks, input_size) -> dict:
@@ -153,6 +203,9 @@ def main(argv=None) -> dict:
         "seconds_locate": round(t_locate, 1), "seconds_total": round(time.perf_counter() - t0, 1),
         "threads": args.threads,
     }
+    result["mask_in_bn_recalibrated"] = acc(masked_logits(recalibrated(model, masks, inputs), masks, x, "in"))
+    comp = compensations(model, masks, inputs)
+    result["mask_in_mean_compensated"] = acc(masked_logits(model, masks, x, "in", bias=comp))
     if not args.sweep:
         result["mask_in_conv_only"] = acc(masked_logits(model, masks, x, "in", ("conv",)))
         result["mask_in_linear_only"] = acc(masked_logits(model, masks, x, "in", ("linear",)))
@@ -166,6 +219,10 @@ def main(argv=None) -> dict:
             size = component_size(model, m, test.image_size)["component"]
             conv = [n for n, l in m.layers.items() if l.kind == "conv"]
             result["sweep"].append({"alpha_conv": a, "beta_conv": b, "mask_in": acc(masked_logits(model, m, x, "in")),
+                                    "mask_in_bn_recalibrated": acc(masked_logits(
+                                        recalibrated(model, m, inputs), m, x, "in")),
+                                    "mask_in_mean_compensated": acc(masked_logits(
+                                        model, m, x, "in", bias=compensations(model, m, inputs))),
                                     "conv_channels_kept": sum(len(m.layers[n].keep_out) for n in conv),
                                     "params": size["params"], "macs": size["macs"]})
     if args.per_layer:
