@@ -11,6 +11,11 @@ model, which for a plain chain (VGG) equals pruning:
            norm. NOT equivalent to pruning: BN then outputs ``beta - gamma * mean / sqrt(var + eps)`` for the channel,
            a constant that ReLU may pass on. Reported to show how much that mistake costs.
 
+Diagnostics, not part of MDA: ``mask_in_bn_recalibrated`` re-estimates BN statistics on the selected training
+samples with the masks applied; ``mask_in_mean_compensated`` adds each layer's mean dropped-input contribution (from
+the full model on the selected samples) as a bias. ``--per-layer`` masks one layer at a time; ``--sweep`` relocates
+with other conv thresholds from the same contributions.
+
 The component's argmax runs over the chosen classes' logits only (the head keeps exactly those); the full model is
 reported with the argmax over all logits and over the chosen ones. Params/MACs of the component are counted from
 the masks (conv/linear weights and biases, BN affine; MACs of conv/linear at the given input size).
