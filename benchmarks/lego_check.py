@@ -106,6 +106,38 @@ def compensations(model, masks, inputs, batch_size=250) -> dict[str, torch.Tenso
     return {name: (total / len(inputs)).float() for name, total in sums.items()}
 
 
+@torch.no_grad()
+def compensations_sequential(model, masks, inputs) -> dict[str, torch.Tensor]:
+    """Like :func:`compensations`, but measured in the masked model itself, layer after layer: one forward pass of
+    all ``inputs`` in which each layer's bias is computed from its actual (already masked and compensated)
+    input, then applied before the next layer runs."""
+    modules = dict(model.named_modules())
+    bias, handles = {}, []
+    for name, layer in masks.layers.items():
+        module = modules[name]
+        keep = torch.zeros(layer.in_channels, dtype=torch.bool)
+        keep[layer.keep_in] = True
+        conv = isinstance(module, nn.Conv2d)
+        shape = (1, -1, 1, 1) if conv else (1, -1)
+
+        def pre(m, args, name=name, keep=keep, shape=shape, conv=conv):
+            x = args[0]
+            dropped = x * (~keep).view(shape).to(x.dtype)
+            part = m._conv_forward(dropped, m.weight, None).mean((0, 2, 3)) if conv else (dropped @ m.weight.T).mean(0)
+            bias[name] = part
+            return (x * keep.view(shape).to(x.dtype),)
+
+        def post(m, args, out, name=name, shape=shape):
+            return out + bias[name].view(shape)
+        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    try:
+        model(inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return bias
+
+
 def recalibrated(model, masks, inputs, batch_size=250):
     """A copy of ``model`` whose batch-norm statistics are re-estimated on ``inputs`` (the selected training
     samples) with the component's masks applied: no gradient step, BN running mean/var only."""
@@ -210,6 +242,8 @@ def main(argv=None) -> dict:
     }
     result["mask_in_bn_recalibrated"] = acc(masked_logits(recalibrated(model, masks, inputs), masks, x, "in"))
     comp = compensations(model, masks, inputs)
+    result["mask_in_mean_compensated_sequential"] = acc(masked_logits(
+        model, masks, x, "in", bias=compensations_sequential(model, masks, inputs)))
     result["mask_in_mean_compensated"] = acc(masked_logits(model, masks, x, "in", bias=comp))
     if not args.sweep:
         result["mask_in_conv_only"] = acc(masked_logits(model, masks, x, "in", ("conv",)))
@@ -226,6 +260,8 @@ def main(argv=None) -> dict:
             result["sweep"].append({"alpha_conv": a, "beta_conv": b, "mask_in": acc(masked_logits(model, m, x, "in")),
                                     "mask_in_bn_recalibrated": acc(masked_logits(
                                         recalibrated(model, m, inputs), m, x, "in")),
+                                    "mask_in_mean_compensated_sequential": acc(masked_logits(
+                                        model, m, x, "in", bias=compensations_sequential(model, m, inputs))),
                                     "mask_in_mean_compensated": acc(masked_logits(
                                         model, m, x, "in", bias=compensations(model, m, inputs))),
                                     "conv_channels_kept": sum(len(m.layers[n].keep_out) for n in conv),
