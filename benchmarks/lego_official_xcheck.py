@@ -1,3 +1,4 @@
+# ruff: noqa: I001  (the official modules need their stubs in sys.modules before they are imported)
 """Cross-check of reassembly.lego's masks against the official MDA code, imported unchanged (not copied).
 
 Runs the official ``RelevantFeatureIdentifying`` (``core/relevant_feature_identifying.py`` of jiaconghu/Model-LEGO,
@@ -7,11 +8,9 @@ each class's relevant-input mask. VGG is a plain chain, so the official reversed
 
     PYTHONPATH=src python benchmarks/lego_official_xcheck.py /path/to/Model-LEGO   # a checkout of the official repo
 """
-import sys, types, os, tempfile, torch
+import importlib.util, sys, types, os, tempfile, torch
 sys.modules['models'] = types.ModuleType('models'); sys.modules['loaders'] = types.ModuleType('loaders')
-try:
-    import tqdm
-except ImportError:
+if importlib.util.find_spec('tqdm') is None:
     m = types.ModuleType('tqdm'); m.tqdm = lambda x, **k: x; sys.modules['tqdm'] = m
 sys.path.insert(0, sys.argv[1] if len(sys.argv) > 1 else '/tmp/lego2/official')
 from core.relevant_feature_identifying import RelevantFeatureIdentifying
