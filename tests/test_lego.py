@@ -241,3 +241,67 @@ def test_select_samples_takes_the_most_confident_correct_images():
         assert chosen.indices[c] == expected and len(expected) == 3
     with pytest.raises(ReassemblyError, match="exactly one of per_class"):
         select_samples(Fixed(), data, per_class=3, fraction=0.1, mean=(0.0,), std=(1.0,))
+    part = select_samples(Fixed(), data, per_class=3, mean=(0.0,), std=(1.0,), classes=[3, 1])
+    assert part.indices[1] == chosen.indices[1] and part.indices[3] == chosen.indices[3]
+    assert part.indices[0] == part.indices[2] == part.indices[4] == []
+    with pytest.raises(ReassemblyError, match="non-empty list"):
+        select_samples(Fixed(), data, per_class=3, mean=(0.0,), std=(1.0,), classes=[7])
+
+
+class Chain(nn.Module):
+    """A plain VGG-like chain ending in a 1x1 map: the case where the official reversed module list is exact."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, 1, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(8, 12, 3, 1, 1), nn.BatchNorm2d(12), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(12, 16, 3, 1, 1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2))
+        self.classifier = nn.Sequential(nn.Linear(16, 20), nn.ReLU(), nn.Linear(20, NUM_CLASSES))
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+def _official_chain_masks(model, contributions, alpha, beta):
+    """The spec's section 4.1 recursion, written out as stated: reversed layer list, identity start, min-max
+    normalisation (eps 1e-5) of rows and of counts, strict thresholds chosen by the masked layer's kind."""
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))][::-1]
+    mask = torch.eye(NUM_CLASSES, dtype=torch.float64)
+    result = {}
+    for name in names:
+        layer = contributions.layers[name]
+        a = layer.total
+        r = (a - a.min(-1, keepdim=True).values) / (a.max(-1, keepdim=True).values - a.min(-1, keepdim=True).values
+                                                     + 1e-5)
+        count = torch.einsum("co,coi->ci", mask, (r > alpha[layer.kind]).double())
+        n = (count - count.min(-1, keepdim=True).values) / (count.max(-1, keepdim=True).values
+                                                            - count.min(-1, keepdim=True).values + 1e-5)
+        mask = (n > beta[layer.kind]).double()
+        result[name] = mask
+    return result
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_plain_chain_masks_equal_the_official_recursion(seed):
+    """On a chain the graph-aware locating must give each class exactly the official per-class masks (the same
+    check on vgg16_cifar10 against the official code itself: benchmarks/lego_official_xcheck.py)."""
+    torch.manual_seed(seed)
+    model = Chain().eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):  # non-trivial BN statistics
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2)
+    x, labels = torch.randn(40, 3, 8, 8), torch.arange(40) % NUM_CLASSES
+    contributions = accumulate_contributions(model, x, labels, NUM_CLASSES)
+    from reassembly.lego import ALPHA, BETA
+
+    expected = _official_chain_masks(model, contributions, ALPHA, BETA)
+    classes = [0, 1, 2, 3, 4]
+    masks = locate_component(model, contributions, classes, input_size=(3, 8, 8))
+    for name, layer in masks.layers.items():
+        for c in classes:
+            want = torch.nonzero(expected[name][c])[:, 0].tolist()
+            if not want and name != "features.0":  # all-equal rows: the deliberate keep-all departure
+                continue
+            assert layer.relevant_in[str(c)] == want, (name, c)

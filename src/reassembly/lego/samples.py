@@ -75,16 +75,28 @@ def select_samples(
     std=None,
     batch_size: int = 256,
     device: str | torch.device = "cpu",
+    classes=None,
+    _only=None,
 ) -> SampleSelection:
     """The most confident correctly classified images of every class of ``dataset`` (see the module docstring).
 
     The dataset's labels must be the model's output indices (load the full dataset, not a relabelled subset).
-    ``mean``/``std`` default to the model's own normalisation."""
+    ``mean``/``std`` default to the model's own normalisation. ``classes`` limits the work to some classes (only
+    their images are run through the model; the other classes get no samples)."""
     if len(dataset) == 0:
         raise ReassemblyError(f"{dataset.name} has no images to select samples from")
     mean, std = resolve_normalization(model, mean, std)
     preprocess = Preprocess(mean, std)
     model.eval().to(device)
+    if classes is not None:
+        classes = sorted({int(c) for c in classes})
+        if not classes or classes[0] < 0 or classes[-1] >= dataset.num_classes:
+            raise ReassemblyError(f"classes {classes} must be a non-empty list of classes of {dataset.name} "
+                                  f"(0..{dataset.num_classes - 1})")
+        rows = torch.nonzero(torch.isin(dataset.labels.to(torch.long), torch.tensor(classes)))[:, 0]
+        part = select_samples(model, dataset.subset(rows), per_class, fraction, mean=mean, std=std,
+                              batch_size=batch_size, device=device, _only=classes)
+        return SampleSelection([[int(rows[i]) for i in chosen] for chosen in part.indices], part.scores, part.dataset)
     labels = dataset.labels.to(torch.long)
     score = torch.empty(len(dataset), dtype=torch.float32)
     correct = torch.empty(len(dataset), dtype=torch.bool)
@@ -104,6 +116,10 @@ def select_samples(
     wanted = per_class_count(sizes, per_class, fraction)
     indices, scores = [], []
     for c in range(dataset.num_classes):
+        if _only is not None and c not in _only:
+            indices.append([])
+            scores.append([])
+            continue
         eligible = torch.nonzero((labels == c) & correct)[:, 0]
         if len(eligible) == 0:
             raise ReassemblyError(
