@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from reporting import write_report
 import torch.nn.functional as F
 
 ARMS = {"mobilenext": "cifar_mobilenext_075", "mobilenetv2": "cifar_mobilenetv2_075"}
@@ -203,12 +204,7 @@ def report(args, table: dict, alone: dict | None, machine: dict) -> dict:
         "epoch_seconds_concurrent": {arm: statistics.median(v) for arm, v in per_epoch.items()},
         "step_seconds_alone": alone,
     }
-    if args.report:
-        directory = Path(args.report)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "results.json").write_text(json.dumps(record, indent=2) + "\n")
-        (directory / "report.md").write_text(markdown(record))
-    print(markdown(record))
+    write_report(args.report, record, markdown(record))
     return record
 
 

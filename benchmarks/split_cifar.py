@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 
 import torch
+from reporting import write_report
 
 TARGET = "cifar10[5:10]"
 PER_CLASS = 1000  # DESIGN.md's protocol; --per-class changes it for smoke runs only
@@ -283,12 +284,7 @@ def report(plan: dict, out: Path, args) -> dict:
     record = {"command": " ".join(["python", "benchmarks/split_cifar.py", *sys.argv[1:]]), **machine,
               "plan": {k: v for k, v in plan.items() if k != "rows"}, "rows": rows,
               "proxy_accuracy": accuracy, "proxy_tau": proxy}
-    if args.report:
-        directory = Path(args.report)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "results.json").write_text(json.dumps(record, indent=2) + "\n")
-        (directory / "report.md").write_text(markdown(record))
-    print(markdown(record))
+    write_report(args.report, record, markdown(record))
     return record
 
 

@@ -30,17 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ReassemblyError
-from ..io import write_text
+from ..io import sha256_of, write_text
 
 STAMPS = "stages"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def hash_json(value) -> str:
@@ -109,7 +101,7 @@ class Ledger:
             path = self.run_dir / relative
             if not path.is_file():
                 return f"{relative} is missing"
-            if sha256_file(path) != expected:
+            if sha256_of(path) != expected:
                 return f"{relative} is corrupt or was changed after the stage wrote it (sha256 differs)"
         return None
 
@@ -121,7 +113,7 @@ class Ledger:
     def finish(self, stage: str, files: list[Path], seconds: float) -> str:
         """Record the finished stage's artifact files; return its digest."""
         record = self.read(stage) or {}
-        hashes = {path.relative_to(self.run_dir).as_posix(): sha256_file(path) for path in sorted(set(files))}
+        hashes = {path.relative_to(self.run_dir).as_posix(): sha256_of(path) for path in sorted(set(files))}
         record.update(status="done", files=hashes, digest=hash_json(hashes), seconds=round(seconds, 2),
                       finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
         write_text(self.path(stage), json.dumps(record, indent=1) + "\n")

@@ -320,10 +320,10 @@ def _net_files(net_dir: Path, summary: bool = False) -> list[Path]:
 def _intact(net_dir: Path) -> bool:
     """A saved network whose weights are the ones its structure names."""
     from ..stitch.io import read_structure
-    from .ledger import sha256_file
+    from ..io import sha256_of
 
     try:
         record = read_structure(net_dir)
-        return sha256_file(net_dir / record["weights"]["file"]) == record["weights"]["sha256"]
+        return sha256_of(net_dir / record["weights"]["file"]) == record["weights"]["sha256"]
     except (ReassemblyError, OSError, KeyError, TypeError):
         return False

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..checkpoint import load_into, save_checkpoint
 from ..errors import CheckpointError
-from ..io import write_text
+from ..io import sha256_of, write_text
 from ..measure import count_macs, count_params
 from .layers import StitchError
 from .net import ReassembledNet, Structure
@@ -31,7 +31,6 @@ def is_net_dir(path: str | Path) -> bool:
 
 def save_net(net: ReassembledNet, directory: str | Path, info: dict | None = None) -> Path:
     """Write ``net`` into ``directory``; ``info`` (how it was made) goes into the structure JSON."""
-    from ..zoo.pretrained import sha256_of
 
     directory = Path(directory)
     weights = directory / WEIGHTS
@@ -66,7 +65,6 @@ def read_structure(directory: str | Path) -> dict:
 
 def load_net(directory: str | Path) -> ReassembledNet:
     """Rebuild a saved network from its structure JSON and weights alone."""
-    from ..zoo.pretrained import sha256_of
     from .build import rebuild_block
 
     directory = Path(directory)

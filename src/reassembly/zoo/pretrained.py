@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from ..errors import CheckpointError, UnknownModelError
+from ..io import sha256_of
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 MANIFEST = WEIGHTS_DIR / "manifest.json"
@@ -52,14 +52,6 @@ def manifest_entry(name: str) -> ManifestEntry:
             return entry
     shipped = ", ".join(e.name for e in load_manifest()) or "none yet"
     raise UnknownModelError(f"no pretrained weights named {name!r} (shipped: {shipped}; see `reassembly zoo list`)")
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_pretrained(name: str, num_classes: int | None = None, **kwargs) -> nn.Module:
