@@ -305,3 +305,120 @@ def test_plain_chain_masks_equal_the_official_recursion(seed):
             if not want and name != "features.0":  # all-equal rows: the deliberate keep-all departure
                 continue
             assert layer.relevant_in[str(c)] == want, (name, c)
+
+
+# ---------------------------------------------------------------------------------------------- extraction (step 4)
+class TinyMobileBN(nn.Module):
+    """MobileNetV2-like: BN'd stem, two inverted residuals (expand, depthwise, project), the second with a shortcut."""
+
+    def __init__(self):
+        super().__init__()
+
+        def cba(i, o, k=1, s=1, g=1, act=True):
+            return [nn.Conv2d(i, o, k, s, k // 2, groups=g, bias=False), nn.BatchNorm2d(o)] + (
+                [nn.ReLU6()] if act else [])
+        self.stem = nn.Sequential(*cba(3, 8, 3))
+        self.block1 = nn.Sequential(*cba(8, 24), *cba(24, 24, 3, 2, 24), *cba(24, 12, act=False))
+        self.block2 = nn.Sequential(*cba(12, 36), *cba(36, 36, 3, 1, 36), *cba(36, 12, act=False))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(12, NUM_CLASSES))
+
+    def forward(self, x):
+        x = self.block1(self.stem(x))
+        return self.head(x + self.block2(x))
+
+
+def _randomise_bn(model):
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+def _masked_logits(model, masks, x):
+    """The full model with every dropped input channel of each conv/linear layer zeroed (pruning, for a component
+    whose coupled channels agree)."""
+    modules = dict(model.named_modules())
+    handles = []
+    for name, layer in masks.layers.items():
+        keep = torch.zeros(layer.in_channels)
+        keep[layer.keep_in] = 1
+        shape = (1, -1, 1, 1) if isinstance(modules[name], nn.Conv2d) else (1, -1)
+        handles.append(modules[name].register_forward_pre_hook(
+            lambda m, args, keep=keep, shape=shape: (args[0] * keep.view(shape),)))
+    try:
+        with torch.no_grad():
+            return model(x)[:, masks.classes]
+    finally:
+        for h in handles:
+            h.remove()
+
+
+EXTRACT_CASES = {
+    "chain": (lambda: Chain(), 8, [3, 0]),
+    "resnet": (lambda: CifarResNet(8, NUM_CLASSES, width=4), 16, [0, 2, 4]),
+    "mobile": (lambda: TinyMobileBN(), 8, [4, 1]),
+}
+
+
+@pytest.mark.parametrize("case", list(EXTRACT_CASES))
+def test_extracted_component_equals_the_masked_model(case, tmp_path):
+    pytest.importorskip("torch_pruning")
+    from reassembly.lego.extract import count_params_macs, extract_component, load_component, save_component
+
+    build, size, classes = EXTRACT_CASES[case]
+    torch.manual_seed(0)
+    model = _randomise_bn(build())
+    model.reassembly_name = {"chain": None, "resnet": "cifar_resnet8", "mobile": None}[case]
+    masks = _located(model, classes=classes, size=size, beta={"conv": 0.5, "linear": 0.5})
+    assert any(len(l.keep_out) < l.out_channels for n, l in masks.layers.items() if l.kind == "conv")
+    before = [p.clone() for p in model.state_dict().values()]
+    component = extract_component(model, masks, torch.randn(1, 3, size, size))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.state_dict().values()))  # original untouched
+    x = torch.randn(16, 3, size, size)
+    with torch.no_grad():
+        got = component(x)
+    torch.testing.assert_close(got, _masked_logits(model, masks, x), rtol=1e-4, atol=1e-5)
+    assert got.shape == (16, len(classes))
+    params, macs = count_params_macs(model, (3, size, size))
+    small_params, small_macs = count_params_macs(component, (3, size, size))
+    assert small_params < params and small_macs < macs
+    assert not any(isinstance(m, type(model)) and m is model for m in component.modules())
+    if case == "resnet":
+        from reassembly.lego.extract import ChannelEmbed
+
+        assert sum(isinstance(m, ChannelEmbed) for m in component.modules()) == 2
+
+
+def test_component_save_load_round_trip(tmp_path):
+    pytest.importorskip("torch_pruning")
+    import reassembly as ra
+    from reassembly.lego.extract import extract_component, load_component, save_component
+
+    torch.manual_seed(1)
+    model = _randomise_bn(ra.create_model("cifar_resnet20", num_classes=NUM_CLASSES, width=4))
+    masks = _located(model, classes=[4, 1], size=16, beta={"conv": 0.5, "linear": 0.5})
+    component = extract_component(model, masks, architecture="cifar_resnet20",
+                                  arch_kwargs={"num_classes": NUM_CLASSES, "width": 4})
+    save_component(component, tmp_path / "comp")
+    assert not list((tmp_path / "comp").glob("*.pt*"))
+    meta = json.loads((tmp_path / "comp" / "component.json").read_text())
+    assert meta["classes"] == [4, 1] and meta["architecture"] == "cifar_resnet20"
+    again = load_component(tmp_path / "comp")
+    x = torch.randn(8, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), component(x), rtol=0, atol=0)
+    assert again.input_normalization == component.input_normalization
+
+
+def test_extraction_refuses_what_it_cannot_follow():
+    pytest.importorskip("torch_pruning")
+    from reassembly.lego.extract import extract_component
+
+    model = Chain().eval()
+    masks = _located(model, classes=[0], size=8)
+    masks.layers.pop("features.4")
+    with pytest.raises(ReassemblyError, match="features.4"):
+        extract_component(model, masks)
