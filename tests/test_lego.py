@@ -422,3 +422,23 @@ def test_extraction_refuses_what_it_cannot_follow():
     masks.layers.pop("features.4")
     with pytest.raises(ReassemblyError, match="features.4"):
         extract_component(model, masks)
+
+
+@pytest.mark.parametrize("classes", [[4, 1], [0], [2, 3]])
+def test_concat_is_extracted_exactly_or_refused_by_name(classes):
+    """Torch-Pruning 1.6 mis-maps some channel concatenations (a root on the second input maps to the first's
+    channels). Extraction must then refuse, naming a layer, never return a model that differs from the masking."""
+    pytest.importorskip("torch_pruning")
+    from reassembly.lego.extract import extract_component
+
+    torch.manual_seed(0)
+    model = Mixed().eval()
+    masks = _located(model, classes=classes, beta={"conv": 0.5, "linear": 0.5})
+    try:
+        component = extract_component(model, masks)
+    except ReassemblyError as error:
+        assert any(name in str(error) for name in masks.layers)
+        return
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(component(x), _masked_logits(model, masks, x), rtol=1e-4, atol=1e-5)
