@@ -1,0 +1,140 @@
+"""Extracted MDA components vs their source models (issue 11): accuracy on the chosen classes, params, MACs.
+
+For each model (trained on all of CIFAR-10) and the class set: select ``--per-class`` correctly classified training
+images per chosen class (the most confident, from the first ``--pool`` training images of each class), compute
+contributions, locate the component at the official thresholds (conv 0.3/0.2, linear 0.4/0.3) and at the milder
+conv 0.1/0.0, physically extract it (``reassembly.lego.extract``) and evaluate it on every CIFAR-10 test image of
+those classes. The original is scored with the argmax over the chosen classes' logits only ("restricted": the same
+decision the component's head makes) and, for reference, over all logits. Params count every parameter; MACs count
+conv/linear multiply-accumulates for one 32x32 image. ``mask_vs_component`` is the largest logit difference
+between the component and the full model with the dropped input channels zeroed (must be ~0: extraction = masking).
+Each component is saved (safetensors + JSON) and loaded back; ``reload_equal`` says the reloaded one gives the
+same logits.
+
+    PYTHONPATH=src python benchmarks/lego_components.py --out results/lego/components
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import reassembly as ra
+from reassembly.data import Preprocess
+from reassembly.lego import accumulate_contributions, select_samples
+from reassembly.lego.extract import count_params_macs, extract_component, load_component, save_component
+from reassembly.lego.locate import locate_component
+from reassembly.train.evaluate import resolve_normalization
+
+sys.path.insert(0, str(Path(__file__).parent))
+from lego_check import masked_logits  # noqa: E402
+from reporting import write_report  # noqa: E402
+
+MODELS = {
+    "cifar_resnet20": dict(checkpoint="../shared/models/akamaster-cifar10-resnet/resnet20-12fca82f.th"),
+    "vgg16_cifar10": dict(pretrained=True),
+    "mobilenetv2_cifar10": dict(pretrained=True),
+}
+SETTINGS = {"official": ({}, {}), "conv 0.1/0.0": ({"conv": 0.1}, {"conv": 0.0})}
+
+
+@torch.no_grad()
+def logits_of(model, x, batch_size=500):
+    return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def run_model(name, classes, per_class, pool, train_pool, test) -> list[dict]:
+    t0 = time.perf_counter()
+    model = ra.create_model(name, **MODELS[name]).eval()
+    mean, std = resolve_normalization(model, None, None)
+    chosen = select_samples(model, train_pool, per_class, classes=classes)
+    index, labels = chosen.flat()
+    inputs = Preprocess(mean, std)(train_pool.images[index])
+    contrib = accumulate_contributions(model, inputs, labels, train_pool.num_classes)
+    rows = torch.nonzero(torch.isin(test.labels, torch.tensor(classes)))[:, 0]
+    x = Preprocess(mean, std)(test.images[rows])
+    local = torch.tensor([classes.index(int(c)) for c in test.labels[rows]])
+    full = logits_of(model, x)
+    params, macs = count_params_macs(model, tuple(test.image_size))
+    base = {
+        "model": name, "classes": classes, "per_class": per_class, "pool": pool, "test_images": len(rows),
+        "original_all_logits": round(100 * (full.argmax(1) == test.labels[rows]).double().mean().item(), 2),
+        "original_restricted": round(100 * (full[:, classes].argmax(1) == local).double().mean().item(), 2),
+        "original_params": params, "original_macs": macs,
+    }
+    out = []
+    for setting, (alpha, beta) in SETTINGS.items():
+        t1 = time.perf_counter()
+        masks = locate_component(model, contrib, classes, input_size=tuple(test.image_size), alpha=alpha, beta=beta,
+                                 model_name=name)
+        component = extract_component(model, masks)
+        t_extract = time.perf_counter() - t1
+        got = logits_of(component, x)
+        masked = masked_logits(model, masks, x, "in")[:, classes]
+        c_params, c_macs = count_params_macs(component, tuple(test.image_size))
+        with tempfile.TemporaryDirectory() as tmp:
+            save_component(component, tmp)
+            again = load_component(tmp)
+            reload_equal = bool(torch.equal(logits_of(again, x[:200]), got[:200]))
+        out.append({**base, "setting": setting, "alpha": masks.alpha, "beta": masks.beta,
+                    "component": round(100 * (got.argmax(1) == local).double().mean().item(), 2),
+                    "component_params": c_params, "component_macs": c_macs,
+                    "params_ratio": round(c_params / params, 3), "macs_ratio": round(c_macs / macs, 3),
+                    "mask_vs_component": float((got - masked).abs().max()), "reload_equal": reload_equal,
+                    "seconds_locate_extract": round(t_extract, 1), "seconds_model": round(time.perf_counter() - t0, 1)})
+        print(out[-1], flush=True)
+    return out
+
+
+def markdown(record) -> str:
+    lines = [
+        "# MDA components extracted (issue 11)", "",
+        f"Command: `{record['command']}`  ", f"Machine: {record['machine']}", "",
+        f"Classes {record['classes']}, {record['per_class']} training samples per class (most confident correct of "
+        f"the first {record['pool']} per class), {record['rows'][0]['test_images']} test images. Accuracy: argmax "
+        "over the chosen classes' logits (original) / the component's head.", "",
+        "| model | thresholds | original (all 10) | original (3-class) | component | >= original? | params | MACs | "
+        "mask = component (max abs diff) | reload equal |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in record["rows"]:
+        ok = "yes" if r["component"] >= r["original_restricted"] else "**no**"
+        lines.append(
+            f"| {r['model']} | {r['setting']} | {r['original_all_logits']} | {r['original_restricted']} | "
+            f"{r['component']} | {ok} | {r['component_params'] / 1e6:.3f} M / {r['original_params'] / 1e6:.3f} M "
+            f"({100 * r['params_ratio']:.1f} %) | {r['component_macs'] / 1e6:.1f} M / {r['original_macs'] / 1e6:.1f} M "
+            f"({100 * r['macs_ratio']:.1f} %) | {r['mask_vs_component']:.1e} | {r['reload_equal']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--classes", default="0,1,2")
+    ap.add_argument("--per-class", type=int, default=50)
+    ap.add_argument("--pool", type=int, default=300, help="training images per class to select from")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=None, help="directory for results.json + report.md")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    classes = [int(c) for c in args.classes.split(",")]
+    train = ra.load_dataset("cifar10", "train", max_per_class=args.pool)
+    test = ra.load_dataset("cifar10", "test")
+    rows = []
+    for name in args.models.split(","):
+        rows += run_model(name, classes, args.per_class, args.pool, train, test)
+    record = {"command": "PYTHONPATH=src python benchmarks/lego_components.py " + " ".join(argv or sys.argv[1:]),
+              "machine": f"shared 2-core CPU ({platform.processor() or platform.machine()}), torch "
+                         f"{torch.__version__}, {args.threads} thread(s), other jobs running",
+              "classes": classes, "per_class": args.per_class, "pool": args.pool, "rows": rows}
+    write_report(args.out, record, markdown(record))
+
+
+if __name__ == "__main__":
+    main()
