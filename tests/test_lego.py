@@ -442,3 +442,32 @@ def test_concat_is_extracted_exactly_or_refused_by_name(classes):
     x = torch.randn(4, 3, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(component(x), _masked_logits(model, masks, x), rtol=1e-4, atol=1e-5)
+
+
+def test_reassembly_eval_loads_a_saved_component(tmp_path):
+    pytest.importorskip("torch_pruning")
+    import subprocess
+    import sys
+
+    import reassembly as ra
+    from reassembly.lego.extract import extract_component, save_component
+
+    from .conftest import CIFAR_ZIP
+
+    torch.manual_seed(2)
+    model = _randomise_bn(ra.create_model("cifar_resnet20", width=4))  # 10 classes
+    x, labels = torch.randn(30, 3, 16, 16), torch.arange(30) % 10
+    masks = locate_component(model, accumulate_contributions(model, x, labels, 10), [2, 0], input_size=(3, 32, 32))
+    save_component(extract_component(model, masks, architecture="cifar_resnet20",
+                                     arch_kwargs={"num_classes": 10, "width": 4}), tmp_path / "comp")
+
+    def run(data):
+        return subprocess.run([sys.executable, "-m", "reassembly", "eval", "--model", str(tmp_path / "comp"),
+                               "--data", data, "--limit", "20"], capture_output=True, text=True, timeout=300)
+
+    wrong = run("cifar10")
+    assert wrong.returncode != 0 and "cifar10[2,0]" in wrong.stderr and "Traceback" not in wrong.stderr
+    if CIFAR_ZIP.is_file():
+        ok = run("cifar10[2,0]")
+        assert ok.returncode == 0, ok.stderr
+        assert "20 images" in ok.stdout

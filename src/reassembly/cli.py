@@ -94,11 +94,15 @@ def build_model(name: str, num_classes=None, checkpoint=None, pretrained=False):
     from .zoo import create_model
 
     if Path(name).is_dir():
-        from .stitch.io import load_net
-
         if pretrained or checkpoint or num_classes:
             raise click.UsageError(f"{name} is a saved network with its own weights and classes; drop --pretrained, "
                                    "--checkpoint and --num-classes")
+        if (Path(name) / "component.json").is_file():  # an extracted MDA component (reassembly.lego.extract)
+            from .lego.extract import load_component
+
+            return load_component(name)
+        from .stitch.io import load_net
+
         return load_net(name)
     if pretrained and checkpoint:
         raise click.UsageError("give either --pretrained or --checkpoint, not both")
@@ -281,6 +285,9 @@ def _default_input_size(model_name: str, model=None) -> tuple[int, int, int]:
     structure = getattr(model, "structure", None)
     if structure is not None and hasattr(structure, "input_size"):  # a saved network
         return tuple(structure.input_size)
+    component = getattr(model, "reassembly_component", None)
+    if component is not None:  # an extracted MDA component
+        return tuple(component["record"]["input_size"])
     if model_name.startswith("timm:"):
         cfg = getattr(model, "pretrained_cfg", None) or {}
         return tuple(cfg.get("input_size", (3, 224, 224)))
@@ -400,7 +407,19 @@ def eval_cmd(model_name, checkpoint, pretrained, random_weights, data_spec, spli
             raise click.UsageError(f"{model_name} is a saved network with its own weights; drop --pretrained, "
                                    "--checkpoint and --random-weights")
         network = build_model(model_name)
-        size = network.structure.input_size
+        component = getattr(network, "reassembly_component", None)
+        if component is not None:  # its logits are the record's classes, in the record's order
+            from .data import DatasetSpec
+
+            wanted = component["record"]["classes"]
+            spec = DatasetSpec.parse(data_spec)
+            if spec.classes is None or list(spec.classes) != wanted:
+                raise click.UsageError(
+                    f"{model_name} is a component for classes {wanted} (its logits in that order): evaluate it on "
+                    f"'{spec.name}[{','.join(str(c) for c in wanted)}]'")
+            size = component["record"]["input_size"]
+        else:
+            size = network.structure.input_size
         image_size, channels = image_size or size[1], channels or size[0]
     elif shipped:  # read the images the way the shipped model was trained on them unless told otherwise
         from .zoo.pretrained import manifest_entry
