@@ -28,18 +28,23 @@ import torch
 import reassembly as ra
 from reassembly.data import Preprocess
 from reassembly.lego import accumulate_contributions, select_samples
-from reassembly.lego.extract import count_params_macs, extract_component, load_component, save_component
+from reassembly.lego.extract import (
+    count_params_macs,
+    extract_component,
+    load_component,
+    save_component,
+)
 from reassembly.lego.locate import locate_component
 from reassembly.train.evaluate import resolve_normalization
 
 sys.path.insert(0, str(Path(__file__).parent))
-from lego_check import masked_logits  # noqa: E402
-from reporting import write_report  # noqa: E402
+from lego_check import masked_logits
+from reporting import write_report
 
 MODELS = {
-    "cifar_resnet20": dict(checkpoint="../shared/models/akamaster-cifar10-resnet/resnet20-12fca82f.th"),
-    "vgg16_cifar10": dict(pretrained=True),
-    "mobilenetv2_cifar10": dict(pretrained=True),
+    "cifar_resnet20": {"checkpoint": "../shared/models/akamaster-cifar10-resnet/resnet20-12fca82f.th"},
+    "vgg16_cifar10": {"pretrained": True},
+    "mobilenetv2_cifar10": {"pretrained": True},
 }
 SETTINGS = {"official": ({}, {}), "conv 0.1/0.0": ({"conv": 0.1}, {"conv": 0.0})}
 
@@ -96,11 +101,11 @@ def markdown(record) -> str:
     lines = [
         "# MDA components extracted (issue 11)", "",
         f"Command: `{record['command']}`  ", f"Machine: {record['machine']}", "",
-        f"Classes {record['classes']}, {record['per_class']} training samples per class (most confident correct of "
-        f"the first {record['pool']} per class), {record['rows'][0]['test_images']} test images. Accuracy: argmax "
-        "over the chosen classes' logits (original) / the component's head.", "",
-        "| model | thresholds | original (all 10) | original (3-class) | component | >= original? | params | MACs | "
-        "mask = component (max abs diff) | reload equal |",
+        (f"Classes {record['classes']}, {record['per_class']} training samples per class (most confident correct of "
+         f"the first {record['pool']} per class), {record['rows'][0]['test_images']} test images. Accuracy: argmax "
+         "over the chosen classes' logits (original) / the component's head."), "",
+        ("| model | thresholds | original (all 10) | original (3-class) | component | >= original? | params | MACs | "
+         "mask = component (max abs diff) | reload equal |"),
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in record["rows"]:

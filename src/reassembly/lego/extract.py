@@ -307,7 +307,7 @@ def load_component(directory) -> nn.Module:
     own = component.state_dict()
     bad = [k for k in set(own) | set(state) if k not in own or k not in state or own[k].shape != state[k].shape]
     if bad:
-        raise ReassemblyError(f"{directory}: the rebuilt component does not match the saved weights at {sorted(bad)[0]}")
+        raise ReassemblyError(f"{directory}: the rebuilt component does not match the saved weights at {min(bad)}")
     component.load_state_dict(state)
     if meta.get("normalization"):
         set_normalization(component, meta["normalization"]["mean"], meta["normalization"]["std"])
