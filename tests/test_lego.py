@@ -472,3 +472,19 @@ def test_reassembly_eval_loads_a_saved_component(tmp_path):
         ok = run("cifar10[2,0]")
         assert ok.returncode == 0, ok.stderr
         assert "20 images" in ok.stdout
+
+
+def test_hand_written_channel_padding_is_refused_by_name():
+    pytest.importorskip("torch_pruning")
+    from reassembly.lego.extract import extract_component
+
+    class MyPad(nn.Module):  # an option-A shortcut the zoo does not know
+        def forward(self, x):
+            return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 2, 2))
+
+    torch.manual_seed(0)
+    model = _randomise_bn(CifarResNet(8, NUM_CLASSES, width=4))
+    model.layer2[0].shortcut = MyPad()
+    masks = _located(model, classes=[0, 2], size=16, beta={"conv": 0.5, "linear": 0.5})
+    with pytest.raises(ReassemblyError, match=r"channel padding in layer2\.0\.shortcut"):
+        extract_component(model, masks)

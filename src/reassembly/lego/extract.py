@@ -98,6 +98,28 @@ def _input_width(model: nn.Module, name: str) -> int:
     return conv1.in_channels
 
 
+def _refuse_channel_padding(model: nn.Module) -> None:
+    """Channel zero-padding other than the zoo's PadShortcut: Torch-Pruning would mis-align it; refuse by name."""
+    import torch.nn.functional as F
+
+    from ..graph.trace import trace
+
+    try:
+        graph = trace(model, "model").graph
+    except Exception:  # noqa: BLE001 - locate traced this model already; the post-check still guards
+        return
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is F.pad:
+            pad = list(node.args[1] if len(node.args) > 1 else node.kwargs.get("pad", ()))
+            if len(pad) >= 6 and any(pad[4:6]):
+                stack = list((node.meta.get("nn_module_stack") or {}).values())
+                where = stack[-1][0] if stack else node.name
+                source = node.meta.get("reassembly_source")
+                raise ReassemblyError(f"cannot extract through the channel padding in {where} ({pad}"
+                                      f"{', at ' + source if source else ''}): Torch-Pruning does not see it; only "
+                                      "the zoo's PadShortcut is converted")
+
+
 def _convs_back_to_embeds(model: nn.Module, names: list[str]) -> None:
     for name in names:
         conv = model.get_submodule(name)
@@ -144,6 +166,7 @@ def extract_component(model: nn.Module, record: ComponentMasks, example_input: t
                                   f"{layer.in_channels} -> {layer.out_channels}")
     reference = {n: modules[n].weight.detach().clone() for n in record.layers}
     pads = _pad_shortcuts_to_convs(component)
+    _refuse_channel_padding(component)
     head = _head_name(record)
 
     try:
