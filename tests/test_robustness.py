@@ -382,3 +382,59 @@ def test_debug_flag_shows_the_traceback():
     result = invoke("--debug", "info", "no_such_model")
     assert result.exit_code == 1 and "no_such_model" in str(result.exception)
     assert not isinstance(result.exception, SystemExit)  # raised through: the caller gets the traceback
+
+
+# --- budgets, K, class selections ----------------------------------------------------------------------------------
+
+SPLIT_CIFAR = Path(__file__).resolve().parents[1] / "results" / "split-cifar"  # shipped similarity + partition
+
+
+@pytest.mark.parametrize("bound, needles", [
+    (["--params", "10K"], ["no network fits --params 10.00K", "smallest network", "148.51K parameters"]),
+    (["--macs", "1K"], ["no network fits --macs 1.00K", "smallest network", "15.30M MACs"]),
+], ids=["params", "macs"])
+def test_a_budget_nothing_fits_names_the_smallest_cost(tmp_path, bound, needles):
+    result = invoke("search", SPLIT_CIFAR, "--data", "digits", *bound, "--out", tmp_path / "s.json")
+    assert_one_line_error(result, 1, *needles)
+    assert files_in(tmp_path) == []
+
+
+def test_k_larger_than_the_shortest_model_is_refused(tmp_path):
+    result = invoke("partition", SPLIT_CIFAR, "--k", "50", "--out", tmp_path / "p.json")
+    assert_one_line_error(result, 1, "vit_cifar5 has only 6 body nodes", "--k 6 or fewer")
+    assert files_in(tmp_path) == []
+
+
+@pytest.mark.parametrize("spec, needles", [
+    ("cifar10[11:12]", ["asks for class 11", "cifar10 has 10 classes"]),
+    ("cifar10[0,99]", ["asks for class 99"]),
+    ("cifar10[3:3]", ["names no class", "cifar10[0:5]"]),
+    ("cifar10[]", ["names no class"]),
+    ("cifar10[-1]", ["distinct, non-negative"]),
+    ("cifar10[1,1]", ["distinct, non-negative"]),
+], ids=["range-past-the-end", "index-past-the-end", "empty-range", "empty-list", "negative", "repeated"])
+def test_class_selections_that_name_no_real_class(tmp_path, data_root, spec, needles):
+    result = invoke("eval", "--model", "resnet20_cifar5", "--data", spec, "--data-root", data_root,
+                    "--json", tmp_path / "out" / "e.json")
+    assert_one_line_error(result, 1, *needles)
+    assert not (tmp_path / "out").exists()
+
+
+# --- misspelled names: the closest names are suggested ----------------------------------------------------------------
+
+@pytest.mark.parametrize("args, needles", [
+    (["info", "cifar_resnt20"], ["unknown model 'cifar_resnt20'", "did you mean cifar_resnet20"]),
+    (["dissect", "resnet20_cifar"], ["unknown model 'resnet20_cifar'", "did you mean resnet20_cifar5"]),
+    (["eval", "--model", "resnet20_cifr5", "--data", "cifar10"], ["unknown model", "did you mean resnet20_cifar5"]),
+    (["eval", "--model", "resnet20_cifar5", "--data", "cifr10[0:5]"], ["unknown dataset 'cifr10'",
+                                                                        "did you mean cifar10?"]),
+    (["similarity", "--zoo", "resnet20_cifar5,vgg11_cifr5", "--data", "cifar10", "--out", "OUT"],
+     ["no shipped model named vgg11_cifr5", "did you mean vgg11_cifar5"]),
+    (["stitch", "--blocks", "resnet20_cifar5:1-4,vgg11_cifar:3-9", "--data", "cifar10[0:5]", "--out", "OUT"],
+     ["no shipped model named 'vgg11_cifar'", "did you mean vgg11_cifar5"]),
+], ids=["info", "dissect", "eval-model", "eval-data", "similarity-zoo", "stitch-blocks"])
+def test_misspelled_names_suggest_the_closest(tmp_path, args, needles):
+    out = tmp_path / "out"
+    result = invoke(*[out if a == "OUT" else a for a in args])
+    assert_one_line_error(result, 1, *needles)
+    assert not out.exists()

@@ -395,6 +395,10 @@ def eval_cmd(model_name, checkpoint, pretrained, random_weights, data_spec, spli
         raise click.UsageError("give either --pretrained or --checkpoint, not both")
     network = None
     shipped = not Path(model_name).is_dir() and (pretrained or is_shipped(model_name))
+    if not Path(model_name).is_dir() and not shipped and not model_name.startswith("timm:"):
+        from .zoo import model_info
+
+        model_info(model_name)  # an unknown name is said (with the closest names) before asking for its weights
     if Path(model_name).is_dir():  # a saved network (reassembly stitch / train): it holds its own weights
         if pretrained or checkpoint or random_weights:
             raise click.UsageError(f"{model_name} is a saved network with its own weights; drop --pretrained, "

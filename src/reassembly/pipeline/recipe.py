@@ -94,8 +94,11 @@ class ZooSection(_Section):
         shipped = {entry.name for entry in load_manifest()}
         unknown = [name for name in names if name not in shipped]
         if unknown:
-            raise ValueError(f"no shipped model named {', '.join(unknown)}; use names from `reassembly zoo list` "
-                             f"({', '.join(sorted(shipped))}) or a group ({', '.join(ZOO_SETS)})")
+            from ..errors import did_you_mean
+
+            hint = did_you_mean(unknown[0], list(shipped) + list(ZOO_SETS))
+            raise ValueError(f"no shipped model named {', '.join(unknown)}{hint} (`reassembly zoo list` lists them: "
+                             f"{', '.join(sorted(shipped))}; groups: {', '.join(ZOO_SETS)})")
         if len(names) < 2:
             raise ValueError(f"reassembly needs at least two models, got {names[0]}")
         return value
