@@ -438,3 +438,158 @@ def test_misspelled_names_suggest_the_closest(tmp_path, args, needles):
     result = invoke(*[out if a == "OUT" else a for a in args])
     assert_one_line_error(result, 1, *needles)
     assert not out.exists()
+
+
+# --- checkpoints: truncated, corrupt, empty, a directory, unsafe pickles, other architectures ------------------------
+
+def _broken_checkpoints(folder: Path, weights: Path) -> dict[str, Path]:
+    good = weights.read_bytes()
+    files = {"truncated": ("w.safetensors", good[: len(good) // 2]),
+             "corrupt-header": ("w.safetensors", good[:8] + b"\xff" * 64 + good[72:]),
+             "zero-bytes": ("w.safetensors", b""), "zero-bytes-pt": ("w.pt", b""),
+             "random-pt": ("w.pt", b"\xea" + bytes(range(256)) * 8)}
+    paths = {}
+    for kind, (name, data) in files.items():
+        (folder / kind).mkdir()
+        paths[kind] = folder / kind / name
+        paths[kind].write_bytes(data)
+    return paths
+
+
+@pytest.mark.parametrize("kind, needles", [
+    ("truncated", ["is not a readable safetensors file"]),
+    ("corrupt-header", ["is not a readable safetensors file"]),
+    ("zero-bytes", ["is empty (0 bytes)"]),
+    ("zero-bytes-pt", ["is empty (0 bytes)"]),
+    ("random-pt", ["is not a torch checkpoint"]),
+])
+def test_broken_checkpoint_files(tmp_path, data_root, weights, kind, needles):
+    path = _broken_checkpoints(tmp_path, weights)[kind]
+    out = tmp_path / "out"
+    result = invoke("eval", "--model", "cifar_resnet20", "--checkpoint", path, "--data", "cifar10",
+                    "--data-root", data_root, "--json", out / "e.json")
+    assert_one_line_error(result, 1, str(path), *needles)
+    if path.suffix == ".pt":
+        convert_needles = needles
+    else:  # convert reads torch files only
+        convert_needles = ["is empty (0 bytes)"] if kind == "zero-bytes" else ["is not a torch checkpoint"]
+    result = invoke("convert", path, out / "w.safetensors", "--trust-pickle")
+    assert_one_line_error(result, 1, str(path), *convert_needles)
+    assert not out.exists()
+
+
+def test_a_directory_where_a_checkpoint_file_is_expected(tmp_path, data_root):
+    (tmp_path / "w.safetensors").mkdir()
+    for args in (["eval", "--model", "cifar_resnet20", "--data", "cifar10", "--data-root", data_root, "--checkpoint"],
+                 ["info", "cifar_resnet20", "--checkpoint"], ["convert", "--trust-pickle"]):
+        option = "'--checkpoint'" if "--checkpoint" in args else "'SRC'"
+        tail = [tmp_path / "out.safetensors"] if args[0] == "convert" else []
+        assert_one_line_error(invoke(*args, tmp_path / "w.safetensors", *tail), 2, option, "is a directory")
+    assert files_in(tmp_path) == ["cache", "w.safetensors"] or files_in(tmp_path) == ["w.safetensors"]
+
+
+class _RunsCode:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))  # unpickling it creates the marker file
+
+
+def test_a_pickle_that_would_run_code_is_refused_unrun(tmp_path, data_root):
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.pt"
+    torch.save({"conv1.weight": _RunsCode(marker)}, path)
+    assert not marker.exists()
+    eval_args = ["eval", "--model", "cifar_resnet20", "--data", "cifar10", "--data-root", data_root]
+    for args in (eval_args + ["--checkpoint", path], ["info", "cifar_resnet20", "--checkpoint", path],
+                 ["dissect", "cifar_resnet20", "--checkpoint", path]):
+        assert_one_line_error(invoke(*args), 1, f"refusing {path}", "can run code", "it names", "--trust-pickle")
+    assert_one_line_error(invoke("convert", path, tmp_path / "w.safetensors"), 2, "--trust-pickle")
+    assert not marker.exists() and not (tmp_path / "w.safetensors").exists()
+
+
+def test_a_checkpoint_for_another_architecture_names_the_keys_or_shapes(tmp_path, data_root):
+    from reassembly import create_model, save_checkpoint
+
+    other = save_checkpoint(create_model("cifar_resnet32"), tmp_path / "resnet32.safetensors")
+    args = ["eval", "--model", "cifar_resnet20", "--data", "cifar10", "--data-root", data_root, "--checkpoint"]
+    assert_one_line_error(invoke(*args, other), 1, "does not fit model cifar_resnet20", "72 unexpected keys",
+                          "layer1.3.", "right architecture")
+    state = create_model("cifar_resnet20").state_dict()
+    state["conv1.weight"] = torch.zeros(32, 3, 3, 3)
+    wider = save_checkpoint(state, tmp_path / "wider.safetensors")
+    line = assert_one_line_error(invoke(*args, wider), 1, "shape mismatch",
+                                 "conv1.weight (32, 3, 3, 3) vs (16, 3, 3, 3)")
+    assert "classes" not in line
+
+
+# --- saved networks (NET_DIR): broken weights, a structure.json that does not match ------------------------------------
+
+@pytest.fixture(scope="module")
+def nets(tmp_path_factory) -> Path:
+    """Two small saved networks, net (resnet20_cifar5 nodes 1-3) and deeper (nodes 1-4)."""
+    from reassembly.stitch import build_network
+    from reassembly.stitch.build import pretrained_block
+    from reassembly.stitch.io import save_net
+
+    root = tmp_path_factory.mktemp("nets")
+    save_net(build_network([pretrained_block("resnet20_cifar5", 1, 4)], num_classes=5), root / "net")
+    save_net(build_network([pretrained_block("resnet20_cifar5", 1, 5)], num_classes=5), root / "deeper")
+    return root
+
+
+def _break_net(nets: Path, folder: Path, how: str) -> Path:
+    import hashlib
+    import shutil
+
+    net = folder / "net"
+    shutil.copytree(nets / "net", net)
+    weights, structure = net / "model.safetensors", net / "structure.json"
+    if how == "corrupt-weights":
+        data = weights.read_bytes()
+        weights.write_bytes(data[:100] + b"\x00" * 100 + data[200:])
+    elif how == "zero-weights":
+        weights.write_bytes(b"")
+    elif how == "weights-a-directory":
+        weights.unlink()
+        weights.mkdir()
+    elif how == "other-structure":
+        structure.write_text((nets / "deeper" / "structure.json").read_text())
+    elif how == "other-structure-same-hash":  # the sha256 check passes; the tensors still must fit
+        record = json.loads((nets / "deeper" / "structure.json").read_text())
+        record["weights"]["sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
+        structure.write_text(json.dumps(record))
+    elif how == "truncated-structure":
+        text = structure.read_text()
+        structure.write_text(text[: len(text) // 2])
+    elif how == "structure-without-blocks":
+        record = json.loads(structure.read_text())
+        del record["blocks"]
+        structure.write_text(json.dumps(record))
+    return net
+
+
+BROKEN_NETS = [
+    ("corrupt-weights", ["sha256 differs"]), ("zero-weights", ["sha256 differs"]),
+    ("weights-a-directory", ["no weights file model.safetensors"]), ("other-structure", ["sha256 differs"]),
+    ("other-structure-same-hash", ["does not fit", "shape mismatch", "missing", "blocks.0.layer2"]),
+    ("truncated-structure", ["structure.json is not valid JSON"]),
+    ("structure-without-blocks", ["structure.json is malformed", "blocks"]),
+]
+
+
+@pytest.mark.parametrize("how, needles", BROKEN_NETS, ids=[b[0] for b in BROKEN_NETS])
+def test_broken_saved_networks(tmp_path, data_root, nets, how, needles):
+    net = _break_net(nets, tmp_path, how)
+    before = sorted(p.name for p in net.iterdir())
+    out = tmp_path / "out"
+    for args in (["eval", "--model", net, "--data", "cifar10[0:5]", "--json", out / "e.json"],
+                 ["train", net, "--data", "cifar10[0:5]", "--out", out / "train"],
+                 ["info", net], ["dissect", net, "--json", out / "d.json"]):
+        line = assert_one_line_error(invoke(*args, "--data-root", data_root) if args[0] in ("eval", "train")
+                                     else invoke(*args), 1, *needles)
+        assert "classes" not in line
+    assert_one_line_error(invoke("stitch", "--blocks", "resnet20_cifar5:1-4", "--data", "cifar10[0:5]", "--out", net,
+                                 "--data-root", data_root), 1, "already holds a network", "--overwrite")
+    assert not out.exists() and sorted(p.name for p in net.iterdir()) == before
