@@ -593,3 +593,46 @@ def test_broken_saved_networks(tmp_path, data_root, nets, how, needles):
     assert_one_line_error(invoke("stitch", "--blocks", "resnet20_cifar5:1-4", "--data", "cifar10[0:5]", "--out", net,
                                  "--data-root", data_root), 1, "already holds a network", "--overwrite")
     assert not out.exists() and sorted(p.name for p in net.iterdir()) == before
+
+
+# --- `reassembly run` recipes: the message names the key and its line ---------------------------------------------------
+
+RECIPE = """\
+name: tiny
+data:
+  target: digits
+  max_per_class: 5
+zoo: resnet20_cifar5,resnet20_fashion
+search:
+  budget:
+    params: 0.5M
+  proxy: params
+train:
+  modes: [frozen]
+  epochs: 1
+"""
+
+
+@pytest.mark.parametrize("old, new, needles", [
+    ("  proxy: params", "  proxy: params\n  topk: 3", ["line 10", "search.topk: unknown key", "top_k"]),
+    ("name: tiny", "name: tiny\ncolour: blue", ["line 2", "colour: unknown key"]),
+    ("  epochs: 1", "  epochs: one", ["line 12", "train.epochs", "integer"]),
+    ("  modes: [frozen]", "  modes:\n  - frozen\n  - sideways", ["line 13", "train.modes.1", "'frozen' or 'full'"]),
+    ("    params: 0.5M", "    params: half", ["line 8", "search.budget.params", "0.5M"]),
+    ("  target: digits\n", "", ["line 2", "data.target: Field required"]),
+    ("  target: digits", "  target: cifr10", ["line 3", "data.target", "did you mean cifar10"]),
+    ("zoo: resnet20_cifar5,resnet20_fashion", "zoo: resnet20_cifar5,resnet20_fashon",
+     ["line 5", "zoo.models", "did you mean resnet20_fashion"]),
+    ("train:\n  modes: [frozen]\n  epochs: 1\n", "train: 5\n", ["line 10", "train", "valid dictionary"]),
+    ("search:\n  budget:\n    params: 0.5M\n  proxy: params\n", "", ["search: Field required"]),
+], ids=["unknown-key", "unknown-section", "wrong-type", "bad-list-item", "bad-size", "missing-field",
+        "misspelled-dataset", "misspelled-model", "section-not-a-mapping", "missing-section"])
+def test_recipe_errors_name_the_key_and_the_line(tmp_path, old, new, needles):
+    assert old in RECIPE
+    path = tmp_path / "r.yaml"
+    path.write_text(RECIPE.replace(old, new))
+    out = tmp_path / "run"
+    line = assert_one_line_error(invoke("run", path, "--out", out), 1, f"{path}", *needles)
+    if "line" not in needles[0]:
+        assert ", line " not in line  # a missing section is the whole file's
+    assert not out.exists()
