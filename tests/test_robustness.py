@@ -636,3 +636,51 @@ def test_recipe_errors_name_the_key_and_the_line(tmp_path, old, new, needles):
     if "line" not in needles[0]:
         assert ", line " not in line  # a missing section is the whole file's
     assert not out.exists()
+
+
+# --- output folders that cannot be written: under a file (refused up front), a full disk (nothing half-written) --------
+
+def _writers(tmp_path: Path, nets: Path, out: Path) -> dict[str, list]:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE)
+    return {
+        "stitch": ["stitch", "--blocks", "resnet20_cifar5:1-4", "--data", "digits[0:3]", "--probe-size", "20",
+                   "--out", out],
+        "train": ["train", nets / "net", "--data", "digits[0:5]", "--epochs", "1", "--max-per-class", "4",
+                  "--batch-size", "8", "--out", out],
+        "similarity": ["similarity", "--zoo", "resnet20_cifar5,resnet20_fashion", "--data", "digits",
+                       "--probe-size", "16", "--batch-size", "8", "--no-heatmaps", "--out", out],
+        "run": ["run", recipe, "--out", out],
+        "partition": ["partition", SPLIT_CIFAR, "--out", out / "p.json"],
+        "search": ["search", SPLIT_CIFAR, "--data", "digits", "--params", "0.5M", "--out", out / "s.json"],
+    }
+
+
+@pytest.mark.parametrize("verb", ["stitch", "train", "similarity", "run", "partition", "search"])
+def test_an_output_under_a_file_is_refused_before_any_work(tmp_path, nets, verb):
+    (tmp_path / "FILE").write_text("not a folder")
+    out = tmp_path / "FILE" / "out"
+    result = invoke(*_writers(tmp_path, nets, out)[verb])
+    assert_one_line_error(result, 2, "'--out'", "cannot be created", f"{tmp_path / 'FILE'} is a file, not a folder")
+    assert result.stdout == "" and (tmp_path / "FILE").read_text() == "not a folder"
+
+
+def _disk_full(monkeypatch):
+    import errno
+
+    import reassembly.io
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+
+    monkeypatch.setattr(reassembly.io.os, "replace", full)  # os.replace itself: every atomic write fails
+
+
+@pytest.mark.parametrize("verb", ["stitch", "train", "similarity", "run"])
+def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path, nets, monkeypatch, verb):
+    out = tmp_path / "out"
+    args = _writers(tmp_path, nets, out)[verb]
+    _disk_full(monkeypatch)
+    assert_one_line_error(invoke(*args), 1, "No space left on device", str(out))
+    left = [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()] if out.exists() else []
+    assert left in ([], [".lock"]), left  # empty folders and a lock at most: no partial or temporary files
