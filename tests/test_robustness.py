@@ -684,3 +684,24 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path, nets,
     assert_one_line_error(invoke(*args), 1, "No space left on device", str(out))
     left = [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()] if out.exists() else []
     assert left in ([], [".lock"]), left  # empty folders and a lock at most: no partial or temporary files
+
+
+def test_a_disk_that_fills_up_between_the_weights_and_the_structure_leaves_no_half_network(tmp_path, nets,
+                                                                                           monkeypatch):
+    import errno
+    import os
+
+    import reassembly.io
+
+    replace = os.replace
+
+    def full_at_the_structure(src, dst):
+        if str(dst).endswith("structure.json"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        return replace(src, dst)
+
+    monkeypatch.setattr(reassembly.io.os, "replace", full_at_the_structure)
+    out = tmp_path / "out"
+    assert_one_line_error(invoke(*_writers(tmp_path, nets, out)["stitch"]), 1, "No space left on device",
+                          str(out / "structure.json"))
+    assert files_in(out) == []  # the weights written first are gone again: no network without its structure
