@@ -432,7 +432,13 @@ def test_class_selections_that_name_no_real_class(tmp_path, data_root, spec, nee
      ["no shipped model named vgg11_cifr5", "did you mean vgg11_cifar5"]),
     (["stitch", "--blocks", "resnet20_cifar5:1-4,vgg11_cifar:3-9", "--data", "cifar10[0:5]", "--out", "OUT"],
      ["no shipped model named 'vgg11_cifar'", "did you mean vgg11_cifar5"]),
-], ids=["info", "dissect", "eval-model", "eval-data", "similarity-zoo", "stitch-blocks"])
+    (["zoo", "train", "resnet20_cifr5", "--out", "OUT"], ["no zoo recipe named 'resnet20_cifr5'",
+                                                          "did you mean resnet20_cifar5"]),
+    (["nas", "show", "DARTS_V3"], ["unknown genotype 'DARTS_V3'", "did you mean DARTS_V2"]),
+    (["search", SPLIT_CIFAR, "--data", "digits", "--params", "0.5M", "--proxy", "naswt", "--out", "OUT"],
+     ["unknown proxy 'naswt'", "did you mean naswot?"]),
+], ids=["info", "dissect", "eval-model", "eval-data", "similarity-zoo", "stitch-blocks", "zoo-train", "nas-genotype",
+        "search-proxy"])
 def test_misspelled_names_suggest_the_closest(tmp_path, args, needles):
     out = tmp_path / "out"
     result = invoke(*[out if a == "OUT" else a for a in args])

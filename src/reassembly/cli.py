@@ -231,6 +231,12 @@ def zoo_train(names, out, epochs, ship, threads, data_root):
 
     if threads:
         torch.set_num_threads(threads)
+    for name in names:  # every name is checked before any training starts
+        if name not in ZOO_RECIPES:
+            from .errors import did_you_mean
+
+            raise ReassemblyError(f"no zoo recipe named {name!r}{did_you_mean(name, ZOO_RECIPES)} (`reassembly zoo "
+                                  "recipes` lists them)")
     for name in names or list(ZOO_RECIPES):
         click.echo(f"== {name}")
         run_dir = train_zoo_model(name, out, data_root=data_root, epochs=epochs, progress=sys.stderr.isatty())
