@@ -711,3 +711,12 @@ def test_a_disk_that_fills_up_between_the_weights_and_the_structure_leaves_no_ha
     assert_one_line_error(invoke(*_writers(tmp_path, nets, out)["stitch"]), 1, "No space left on device",
                           str(out / "structure.json"))
     assert files_in(out) == []  # the weights written first are gone again: no network without its structure
+
+
+def test_a_recipe_out_under_a_file_is_one_line(tmp_path):
+    (tmp_path / "FILE").write_text("not a folder")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"out: {tmp_path / 'FILE' / 'run'}\n" + RECIPE)
+    assert_one_line_error(invoke("run", recipe), 1, "cannot be created", f"{tmp_path / 'FILE'} is a file, not a folder",
+                          "--out")
+    assert (tmp_path / "FILE").read_text() == "not a folder"
