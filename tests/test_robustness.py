@@ -382,3 +382,341 @@ def test_debug_flag_shows_the_traceback():
     result = invoke("--debug", "info", "no_such_model")
     assert result.exit_code == 1 and "no_such_model" in str(result.exception)
     assert not isinstance(result.exception, SystemExit)  # raised through: the caller gets the traceback
+
+
+# --- budgets, K, class selections ----------------------------------------------------------------------------------
+
+SPLIT_CIFAR = Path(__file__).resolve().parents[1] / "results" / "split-cifar"  # shipped similarity + partition
+
+
+@pytest.mark.parametrize("bound, needles", [
+    (["--params", "10K"], ["no network fits --params 10.00K", "smallest network", "148.51K parameters"]),
+    (["--macs", "1K"], ["no network fits --macs 1.00K", "smallest network", "15.30M MACs"]),
+], ids=["params", "macs"])
+def test_a_budget_nothing_fits_names_the_smallest_cost(tmp_path, bound, needles):
+    result = invoke("search", SPLIT_CIFAR, "--data", "digits", *bound, "--out", tmp_path / "s.json")
+    assert_one_line_error(result, 1, *needles)
+    assert files_in(tmp_path) == []
+
+
+def test_k_larger_than_the_shortest_model_is_refused(tmp_path):
+    result = invoke("partition", SPLIT_CIFAR, "--k", "50", "--out", tmp_path / "p.json")
+    assert_one_line_error(result, 1, "vit_cifar5 has only 6 body nodes", "--k 6 or fewer")
+    assert files_in(tmp_path) == []
+
+
+@pytest.mark.parametrize("spec, needles", [
+    ("cifar10[11:12]", ["asks for class 11", "cifar10 has 10 classes"]),
+    ("cifar10[0,99]", ["asks for class 99"]),
+    ("cifar10[3:3]", ["names no class", "cifar10[0:5]"]),
+    ("cifar10[]", ["names no class"]),
+    ("cifar10[-1]", ["distinct, non-negative"]),
+    ("cifar10[1,1]", ["distinct, non-negative"]),
+], ids=["range-past-the-end", "index-past-the-end", "empty-range", "empty-list", "negative", "repeated"])
+def test_class_selections_that_name_no_real_class(tmp_path, data_root, spec, needles):
+    result = invoke("eval", "--model", "resnet20_cifar5", "--data", spec, "--data-root", data_root,
+                    "--json", tmp_path / "out" / "e.json")
+    assert_one_line_error(result, 1, *needles)
+    assert not (tmp_path / "out").exists()
+
+
+# --- misspelled names: the closest names are suggested ----------------------------------------------------------------
+
+@pytest.mark.parametrize("args, needles", [
+    (["info", "cifar_resnt20"], ["unknown model 'cifar_resnt20'", "did you mean cifar_resnet20"]),
+    (["dissect", "resnet20_cifar"], ["unknown model 'resnet20_cifar'", "did you mean resnet20_cifar5"]),
+    (["eval", "--model", "resnet20_cifr5", "--data", "cifar10"], ["unknown model", "did you mean resnet20_cifar5"]),
+    (["eval", "--model", "resnet20_cifar5", "--data", "cifr10[0:5]"], ["unknown dataset 'cifr10'",
+                                                                        "did you mean cifar10?"]),
+    (["similarity", "--zoo", "resnet20_cifar5,vgg11_cifr5", "--data", "cifar10", "--out", "OUT"],
+     ["no shipped model named vgg11_cifr5", "did you mean vgg11_cifar5"]),
+    (["stitch", "--blocks", "resnet20_cifar5:1-4,vgg11_cifar:3-9", "--data", "cifar10[0:5]", "--out", "OUT"],
+     ["no shipped model named 'vgg11_cifar'", "did you mean vgg11_cifar5"]),
+    (["zoo", "train", "resnet20_cifr5", "--out", "OUT"], ["no zoo recipe named 'resnet20_cifr5'",
+                                                          "did you mean resnet20_cifar5"]),
+    (["nas", "show", "DARTS_V3"], ["unknown genotype 'DARTS_V3'", "did you mean DARTS_V2"]),
+    (["search", SPLIT_CIFAR, "--data", "digits", "--params", "0.5M", "--proxy", "naswt", "--out", "OUT"],
+     ["unknown proxy 'naswt'", "did you mean naswot?"]),
+], ids=["info", "dissect", "eval-model", "eval-data", "similarity-zoo", "stitch-blocks", "zoo-train", "nas-genotype",
+        "search-proxy"])
+def test_misspelled_names_suggest_the_closest(tmp_path, args, needles):
+    out = tmp_path / "out"
+    result = invoke(*[out if a == "OUT" else a for a in args])
+    assert_one_line_error(result, 1, *needles)
+    assert not out.exists()
+
+
+# --- checkpoints: truncated, corrupt, empty, a directory, unsafe pickles, other architectures ------------------------
+
+def _broken_checkpoints(folder: Path, weights: Path) -> dict[str, Path]:
+    good = weights.read_bytes()
+    files = {"truncated": ("w.safetensors", good[: len(good) // 2]),
+             "corrupt-header": ("w.safetensors", good[:8] + b"\xff" * 64 + good[72:]),
+             "zero-bytes": ("w.safetensors", b""), "zero-bytes-pt": ("w.pt", b""),
+             "random-pt": ("w.pt", b"\xea" + bytes(range(256)) * 8)}
+    paths = {}
+    for kind, (name, data) in files.items():
+        (folder / kind).mkdir()
+        paths[kind] = folder / kind / name
+        paths[kind].write_bytes(data)
+    return paths
+
+
+@pytest.mark.parametrize("kind, needles", [
+    ("truncated", ["is not a readable safetensors file"]),
+    ("corrupt-header", ["is not a readable safetensors file"]),
+    ("zero-bytes", ["is empty (0 bytes)"]),
+    ("zero-bytes-pt", ["is empty (0 bytes)"]),
+    ("random-pt", ["is not a torch checkpoint"]),
+])
+def test_broken_checkpoint_files(tmp_path, data_root, weights, kind, needles):
+    path = _broken_checkpoints(tmp_path, weights)[kind]
+    out = tmp_path / "out"
+    result = invoke("eval", "--model", "cifar_resnet20", "--checkpoint", path, "--data", "cifar10",
+                    "--data-root", data_root, "--json", out / "e.json")
+    assert_one_line_error(result, 1, str(path), *needles)
+    if path.suffix == ".pt":
+        convert_needles = needles
+    else:  # convert reads torch files only
+        convert_needles = ["is empty (0 bytes)"] if kind == "zero-bytes" else ["is not a torch checkpoint"]
+    result = invoke("convert", path, out / "w.safetensors", "--trust-pickle")
+    assert_one_line_error(result, 1, str(path), *convert_needles)
+    assert not out.exists()
+
+
+def test_a_directory_where_a_checkpoint_file_is_expected(tmp_path, data_root):
+    (tmp_path / "w.safetensors").mkdir()
+    for args in (["eval", "--model", "cifar_resnet20", "--data", "cifar10", "--data-root", data_root, "--checkpoint"],
+                 ["info", "cifar_resnet20", "--checkpoint"], ["convert", "--trust-pickle"]):
+        option = "'--checkpoint'" if "--checkpoint" in args else "'SRC'"
+        tail = [tmp_path / "out.safetensors"] if args[0] == "convert" else []
+        assert_one_line_error(invoke(*args, tmp_path / "w.safetensors", *tail), 2, option, "is a directory")
+    assert files_in(tmp_path) == ["cache", "w.safetensors"] or files_in(tmp_path) == ["w.safetensors"]
+
+
+class _RunsCode:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))  # unpickling it creates the marker file
+
+
+def test_a_pickle_that_would_run_code_is_refused_unrun(tmp_path, data_root):
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.pt"
+    torch.save({"conv1.weight": _RunsCode(marker)}, path)
+    assert not marker.exists()
+    eval_args = ["eval", "--model", "cifar_resnet20", "--data", "cifar10", "--data-root", data_root]
+    for args in (eval_args + ["--checkpoint", path], ["info", "cifar_resnet20", "--checkpoint", path],
+                 ["dissect", "cifar_resnet20", "--checkpoint", path]):
+        assert_one_line_error(invoke(*args), 1, f"refusing {path}", "can run code", "it names", "--trust-pickle")
+    assert_one_line_error(invoke("convert", path, tmp_path / "w.safetensors"), 2, "--trust-pickle")
+    assert not marker.exists() and not (tmp_path / "w.safetensors").exists()
+
+
+def test_a_checkpoint_for_another_architecture_names_the_keys_or_shapes(tmp_path, data_root):
+    from reassembly import create_model, save_checkpoint
+
+    other = save_checkpoint(create_model("cifar_resnet32"), tmp_path / "resnet32.safetensors")
+    args = ["eval", "--model", "cifar_resnet20", "--data", "cifar10", "--data-root", data_root, "--checkpoint"]
+    assert_one_line_error(invoke(*args, other), 1, "does not fit model cifar_resnet20", "72 unexpected keys",
+                          "layer1.3.", "right architecture")
+    state = create_model("cifar_resnet20").state_dict()
+    state["conv1.weight"] = torch.zeros(32, 3, 3, 3)
+    wider = save_checkpoint(state, tmp_path / "wider.safetensors")
+    line = assert_one_line_error(invoke(*args, wider), 1, "shape mismatch",
+                                 "conv1.weight (32, 3, 3, 3) vs (16, 3, 3, 3)")
+    assert "classes" not in line
+
+
+# --- saved networks (NET_DIR): broken weights, a structure.json that does not match ------------------------------------
+
+@pytest.fixture(scope="module")
+def nets(tmp_path_factory) -> Path:
+    """Two small saved networks, net (resnet20_cifar5 nodes 1-3) and deeper (nodes 1-4)."""
+    from reassembly.stitch import build_network
+    from reassembly.stitch.build import pretrained_block
+    from reassembly.stitch.io import save_net
+
+    root = tmp_path_factory.mktemp("nets")
+    save_net(build_network([pretrained_block("resnet20_cifar5", 1, 4)], num_classes=5), root / "net")
+    save_net(build_network([pretrained_block("resnet20_cifar5", 1, 5)], num_classes=5), root / "deeper")
+    return root
+
+
+def _break_net(nets: Path, folder: Path, how: str) -> Path:
+    import hashlib
+    import shutil
+
+    net = folder / "net"
+    shutil.copytree(nets / "net", net)
+    weights, structure = net / "model.safetensors", net / "structure.json"
+    if how == "corrupt-weights":
+        data = weights.read_bytes()
+        weights.write_bytes(data[:100] + b"\x00" * 100 + data[200:])
+    elif how == "zero-weights":
+        weights.write_bytes(b"")
+    elif how == "weights-a-directory":
+        weights.unlink()
+        weights.mkdir()
+    elif how == "other-structure":
+        structure.write_text((nets / "deeper" / "structure.json").read_text())
+    elif how == "other-structure-same-hash":  # the sha256 check passes; the tensors still must fit
+        record = json.loads((nets / "deeper" / "structure.json").read_text())
+        record["weights"]["sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
+        structure.write_text(json.dumps(record))
+    elif how == "truncated-structure":
+        text = structure.read_text()
+        structure.write_text(text[: len(text) // 2])
+    elif how == "structure-without-blocks":
+        record = json.loads(structure.read_text())
+        del record["blocks"]
+        structure.write_text(json.dumps(record))
+    return net
+
+
+BROKEN_NETS = [
+    ("corrupt-weights", ["sha256 differs"]), ("zero-weights", ["sha256 differs"]),
+    ("weights-a-directory", ["no weights file model.safetensors"]), ("other-structure", ["sha256 differs"]),
+    ("other-structure-same-hash", ["does not fit", "shape mismatch", "missing", "blocks.0.layer2"]),
+    ("truncated-structure", ["structure.json is not valid JSON"]),
+    ("structure-without-blocks", ["structure.json is malformed", "blocks"]),
+]
+
+
+@pytest.mark.parametrize("how, needles", BROKEN_NETS, ids=[b[0] for b in BROKEN_NETS])
+def test_broken_saved_networks(tmp_path, data_root, nets, how, needles):
+    net = _break_net(nets, tmp_path, how)
+    before = sorted(p.name for p in net.iterdir())
+    out = tmp_path / "out"
+    for args in (["eval", "--model", net, "--data", "cifar10[0:5]", "--json", out / "e.json"],
+                 ["train", net, "--data", "cifar10[0:5]", "--out", out / "train"],
+                 ["info", net], ["dissect", net, "--json", out / "d.json"]):
+        line = assert_one_line_error(invoke(*args, "--data-root", data_root) if args[0] in ("eval", "train")
+                                     else invoke(*args), 1, *needles)
+        assert "classes" not in line
+    assert_one_line_error(invoke("stitch", "--blocks", "resnet20_cifar5:1-4", "--data", "cifar10[0:5]", "--out", net,
+                                 "--data-root", data_root), 1, "already holds a network", "--overwrite")
+    assert not out.exists() and sorted(p.name for p in net.iterdir()) == before
+
+
+# --- `reassembly run` recipes: the message names the key and its line ---------------------------------------------------
+
+RECIPE = """\
+name: tiny
+data:
+  target: digits
+  max_per_class: 5
+zoo: resnet20_cifar5,resnet20_fashion
+search:
+  budget:
+    params: 0.5M
+  proxy: params
+train:
+  modes: [frozen]
+  epochs: 1
+"""
+
+
+@pytest.mark.parametrize("old, new, needles", [
+    ("  proxy: params", "  proxy: params\n  topk: 3", ["line 10", "search.topk: unknown key", "top_k"]),
+    ("name: tiny", "name: tiny\ncolour: blue", ["line 2", "colour: unknown key"]),
+    ("  epochs: 1", "  epochs: one", ["line 12", "train.epochs", "integer"]),
+    ("  modes: [frozen]", "  modes:\n  - frozen\n  - sideways", ["line 13", "train.modes.1", "'frozen' or 'full'"]),
+    ("    params: 0.5M", "    params: half", ["line 8", "search.budget.params", "0.5M"]),
+    ("  target: digits\n", "", ["line 2", "data.target: Field required"]),
+    ("  target: digits", "  target: cifr10", ["line 3", "data.target", "did you mean cifar10"]),
+    ("zoo: resnet20_cifar5,resnet20_fashion", "zoo: resnet20_cifar5,resnet20_fashon",
+     ["line 5", "zoo.models", "did you mean resnet20_fashion"]),
+    ("train:\n  modes: [frozen]\n  epochs: 1\n", "train: 5\n", ["line 10", "train", "valid dictionary"]),
+    ("search:\n  budget:\n    params: 0.5M\n  proxy: params\n", "", ["search: Field required"]),
+], ids=["unknown-key", "unknown-section", "wrong-type", "bad-list-item", "bad-size", "missing-field",
+        "misspelled-dataset", "misspelled-model", "section-not-a-mapping", "missing-section"])
+def test_recipe_errors_name_the_key_and_the_line(tmp_path, old, new, needles):
+    assert old in RECIPE
+    path = tmp_path / "r.yaml"
+    path.write_text(RECIPE.replace(old, new))
+    out = tmp_path / "run"
+    line = assert_one_line_error(invoke("run", path, "--out", out), 1, f"{path}", *needles)
+    if "line" not in needles[0]:
+        assert ", line " not in line  # a missing section is the whole file's
+    assert not out.exists()
+
+
+# --- output folders that cannot be written: under a file (refused up front), a full disk (nothing half-written) --------
+
+def _writers(tmp_path: Path, nets: Path, out: Path) -> dict[str, list]:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE)
+    return {
+        "stitch": ["stitch", "--blocks", "resnet20_cifar5:1-4", "--data", "digits[0:3]", "--probe-size", "20",
+                   "--out", out],
+        "train": ["train", nets / "net", "--data", "digits[0:5]", "--epochs", "1", "--max-per-class", "4",
+                  "--batch-size", "8", "--out", out],
+        "similarity": ["similarity", "--zoo", "resnet20_cifar5,resnet20_fashion", "--data", "digits",
+                       "--probe-size", "16", "--batch-size", "8", "--no-heatmaps", "--out", out],
+        "run": ["run", recipe, "--out", out],
+        "partition": ["partition", SPLIT_CIFAR, "--out", out / "p.json"],
+        "search": ["search", SPLIT_CIFAR, "--data", "digits", "--params", "0.5M", "--out", out / "s.json"],
+    }
+
+
+@pytest.mark.parametrize("verb", ["stitch", "train", "similarity", "run", "partition", "search"])
+def test_an_output_under_a_file_is_refused_before_any_work(tmp_path, nets, verb):
+    (tmp_path / "FILE").write_text("not a folder")
+    out = tmp_path / "FILE" / "out"
+    result = invoke(*_writers(tmp_path, nets, out)[verb])
+    assert_one_line_error(result, 2, "'--out'", "cannot be created", f"{tmp_path / 'FILE'} is a file, not a folder")
+    assert result.stdout == "" and (tmp_path / "FILE").read_text() == "not a folder"
+
+
+def _disk_full(monkeypatch):
+    import errno
+
+    import reassembly.io
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+
+    monkeypatch.setattr(reassembly.io.os, "replace", full)  # os.replace itself: every atomic write fails
+
+
+@pytest.mark.parametrize("verb", ["stitch", "train", "similarity", "run"])
+def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path, nets, monkeypatch, verb):
+    out = tmp_path / "out"
+    args = _writers(tmp_path, nets, out)[verb]
+    _disk_full(monkeypatch)
+    assert_one_line_error(invoke(*args), 1, "No space left on device", str(out))
+    left = [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()] if out.exists() else []
+    assert left in ([], [".lock"]), left  # empty folders and a lock at most: no partial or temporary files
+
+
+def test_a_disk_that_fills_up_between_the_weights_and_the_structure_leaves_no_half_network(tmp_path, nets,
+                                                                                           monkeypatch):
+    import errno
+    import os
+
+    import reassembly.io
+
+    replace = os.replace
+
+    def full_at_the_structure(src, dst):
+        if str(dst).endswith("structure.json"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        return replace(src, dst)
+
+    monkeypatch.setattr(reassembly.io.os, "replace", full_at_the_structure)
+    out = tmp_path / "out"
+    assert_one_line_error(invoke(*_writers(tmp_path, nets, out)["stitch"]), 1, "No space left on device",
+                          str(out / "structure.json"))
+    assert files_in(out) == []  # the weights written first are gone again: no network without its structure
+
+
+def test_a_recipe_out_under_a_file_is_one_line(tmp_path):
+    (tmp_path / "FILE").write_text("not a folder")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"out: {tmp_path / 'FILE' / 'run'}\n" + RECIPE)
+    assert_one_line_error(invoke("run", recipe), 1, "cannot be created", f"{tmp_path / 'FILE'} is a file, not a folder",
+                          "--out")
+    assert (tmp_path / "FILE").read_text() == "not a folder"

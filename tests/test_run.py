@@ -229,7 +229,7 @@ def test_run_command_skips_a_finished_run_and_prints_the_comparison(copy_of, tmp
 def test_run_command_errors_help_and_example(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump({**TINY, "serach": {}}))
-    assert_one_line_error(run("run", str(path), check_ok=False), "bad.yaml: serach: unknown key", "search")
+    assert_one_line_error(run("run", str(path), check_ok=False), "bad.yaml, line ", ": serach: unknown key", "search")
     proc = run("run", check_ok=False)
     assert proc.returncode != 0 and "give a RECIPE file, or --demo" in proc.stderr
     example = run("run", "--print-example").stdout

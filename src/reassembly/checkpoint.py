@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -37,7 +38,9 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     """Tensors and metadata of a checkpoint file, with training wrappers and ``module.`` prefixes removed."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"checkpoint not found: {path}" + (" (it is a directory)" if path.is_dir() else ""))
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): an interrupted download or save? fetch or save it again")
     if path.suffix == ".safetensors":
         try:
             tensors = load_file(str(path))
@@ -59,7 +62,8 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         if not _looks_like_torch_file(path):
             raise CheckpointError(f"{path} is not a torch checkpoint (neither a torch zip archive nor a pickle); "
                                   "is it the right file, and complete?") from None
-        reason = str(exc).splitlines()[0] if str(exc) else "it holds Python objects"
+        found = re.search(r"(?:unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(exc), re.IGNORECASE)
+        reason = f"it names {found[1]}" if found else "it holds Python objects"
         raise CheckpointError(
             f"refusing {path}: reading it would unpickle arbitrary Python objects, which can run code ({reason}). "
             f"If you trust the file, convert it once with `reassembly convert {path} OUT.safetensors --trust-pickle`"
@@ -125,17 +129,18 @@ def load_into(model: nn.Module, path: str | Path, model_name: str | None = None)
     wrong_shape = [k for k in state if k in own and state[k].shape != own[k].shape]
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    if wrong_shape:
-        classes = _classifier_width_mismatch(model, state, wrong_shape)
-        if classes is not None:
-            raise ClassCountError(
-                f"{path} was trained for {classes[0]} classes but model {label} was built with {classes[1]}: "
-                f"pass --num-classes {classes[0]} (or num_classes={classes[0]})", classes[0], classes[1]
-            )
-        details = ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong_shape[:3])
-        raise CheckpointError(f"{path} does not fit model {label}: shape mismatch in {details}")
-    if missing or unexpected:
+    classes = _classifier_width_mismatch(model, state, wrong_shape) if wrong_shape and not (missing or unexpected) \
+        else None
+    if classes is not None:
+        raise ClassCountError(
+            f"{path} was trained for {classes[0]} classes but model {label} was built with {classes[1]}: "
+            f"pass --num-classes {classes[0]} (or num_classes={classes[0]})", classes[0], classes[1]
+        )
+    if wrong_shape or missing or unexpected:
         parts = []
+        if wrong_shape:
+            details = ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong_shape[:3])
+            parts.append(f"shape mismatch in {len(wrong_shape)} tensors (e.g. {details}; checkpoint vs model)")
         if missing:
             parts.append(f"missing {len(missing)} keys (e.g. {', '.join(missing[:3])})")
         if unexpected:
@@ -151,8 +156,10 @@ def _classifier_width_mismatch(model: nn.Module, state, wrong_shape) -> tuple[in
     if not linears:
         return None
     last = linears[-1]
-    if set(wrong_shape) <= {f"{last}.weight", f"{last}.bias"}:
-        return int(state[f"{last}.weight"].shape[0]), int(model.state_dict()[f"{last}.weight"].shape[0])
+    if set(wrong_shape) <= {f"{last}.weight", f"{last}.bias"} and f"{last}.weight" in state:
+        theirs, ours = state[f"{last}.weight"].shape, model.state_dict()[f"{last}.weight"].shape
+        if theirs[0] != ours[0] and theirs[1:] == ours[1:]:  # a different width of input is another network
+            return int(theirs[0]), int(ours[0])
     return None
 
 
@@ -183,6 +190,8 @@ def convert_trusted_pickle(src: str | Path, dst: str | Path) -> Path:
     src = Path(src)
     if not src.is_file():
         raise CheckpointError(f"checkpoint not found: {src}")
+    if src.stat().st_size == 0:
+        raise CheckpointError(f"{src} is empty (0 bytes): an interrupted download or save? fetch or save it again")
     if not _looks_like_torch_file(src):
         raise CheckpointError(f"{src} is not a torch checkpoint (neither a torch zip archive nor a pickle); is it the "
                               "right file, and complete?")

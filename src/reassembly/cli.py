@@ -46,6 +46,18 @@ class FriendlyGroup(click.Group):
 POSITIVE = click.IntRange(min=1)
 
 
+def _check_creatable(path: Path, value: str, param_type: click.ParamType, param, ctx) -> None:
+    """Fail (a usage error) when ``path`` cannot be created: the nearest existing folder above it is a file, or
+    cannot be written."""
+    folder = path.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        param_type.fail(f"{value!r} cannot be created: {folder} is a file, not a folder", param, ctx)
+    if not os.access(folder, os.W_OK):
+        param_type.fail(f"{value!r} cannot be created: {folder} is not writable", param, ctx)
+
+
 class OutputFile(click.Path):
     """A file the command will write: refused up front when it is '-', a directory, or in a folder that cannot be
     created or written, so that no work is lost at the end."""
@@ -57,13 +69,24 @@ class OutputFile(click.Path):
         if value == "-":
             self.fail("'-' (standard output) is not supported here; give a file path", param, ctx)
         path = Path(super().convert(value, param, ctx))
-        folder = path.absolute().parent
-        while not folder.exists():
-            folder = folder.parent
-        if not folder.is_dir():
-            self.fail(f"{value!r} cannot be created: {folder} is a file, not a folder", param, ctx)
-        if not os.access(folder, os.W_OK):
-            self.fail(f"{value!r} cannot be created: {folder} is not writable", param, ctx)
+        _check_creatable(path, value, self, param, ctx)
+        return str(path)
+
+
+class OutputDir(click.Path):
+    """A folder the command will write into (an existing one is resumed or refused by the command): refused up front
+    when it is a file or under one, or cannot be created or written."""
+
+    def __init__(self):
+        super().__init__(file_okay=False)
+
+    def convert(self, value, param, ctx):
+        path = Path(super().convert(value, param, ctx))
+        if path.is_dir():
+            if not os.access(path, os.W_OK):
+                self.fail(f"{value!r} is not writable", param, ctx)
+        else:
+            _check_creatable(path, value, self, param, ctx)
         return str(path)
 
 
@@ -191,7 +214,7 @@ def zoo_list(archs: bool, pattern: str, markdown: bool):
 
 @zoo.command("train")
 @click.argument("names", nargs=-1)
-@click.option("--out", default="runs/zoo", show_default=True, type=click.Path(file_okay=False),
+@click.option("--out", default="runs/zoo", show_default=True, type=OutputDir(),
               help="Run directories go here (one per model); an interrupted run resumes from its last epoch.")
 @click.option("--epochs", type=POSITIVE, default=None, help="Override the recipe's epochs (recorded in the manifest).")
 @click.option("--ship/--no-ship", default=True, show_default=True,
@@ -212,6 +235,12 @@ def zoo_train(names, out, epochs, ship, threads, data_root):
 
     if threads:
         torch.set_num_threads(threads)
+    for name in names:  # every name is checked before any training starts
+        if name not in ZOO_RECIPES:
+            from .errors import did_you_mean
+
+            raise ReassemblyError(f"no zoo recipe named {name!r}{did_you_mean(name, ZOO_RECIPES)} (`reassembly zoo "
+                                  "recipes` lists them)")
     for name in names or list(ZOO_RECIPES):
         click.echo(f"== {name}")
         run_dir = train_zoo_model(name, out, data_root=data_root, epochs=epochs, progress=sys.stderr.isatty())
@@ -402,6 +431,10 @@ def eval_cmd(model_name, checkpoint, pretrained, random_weights, data_spec, spli
         raise click.UsageError("give either --pretrained or --checkpoint, not both")
     network = None
     shipped = not Path(model_name).is_dir() and (pretrained or is_shipped(model_name))
+    if not Path(model_name).is_dir() and not shipped and not model_name.startswith("timm:"):
+        from .zoo import model_info
+
+        model_info(model_name)  # an unknown name is said (with the closest names) before asking for its weights
     if Path(model_name).is_dir():  # a saved network (reassembly stitch / train): it holds its own weights
         if pretrained or checkpoint or random_weights:
             raise click.UsageError(f"{model_name} is a saved network with its own weights; drop --pretrained, "
@@ -500,7 +533,7 @@ def convert(src, dst, trust_pickle):
 @click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True)
 @click.option("--probe-size", type=POSITIVE, default=2000, show_default=True,
               help="Images drawn at random (seeded) from the split; the whole split if it has fewer.")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+@click.option("--out", "out_dir", required=True, type=OutputDir(),
               help="Output directory (similarity.json, cka/*.npz, heatmaps/*.png); an unfinished run there resumes.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the probe-image draw.")
 @click.option("--batch-size", type=POSITIVE, default=250, show_default=True)
@@ -560,7 +593,7 @@ def similarity(zoo_spec, data_spec, split, probe_size, out_dir, seed, batch_size
 @click.option("--restarts", type=POSITIVE, default=50, show_default=True, help="Random restarts.")
 @click.option("--iterations", type=POSITIVE, default=50, show_default=True, help="Iterations per restart at most.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--out", default=None, type=click.Path(dir_okay=False),
+@click.option("--out", default=None, type=OutputFile(),
               help="Where to write the partition (default DIR/partition.json; the diagram goes beside it as .png).")
 def partition_cmd(similarity_dir, k, eps, size, general, block_similarity, debiased, restarts, iterations, seed, out):
     """DeRy stage 2: cut every model of a similarity run into K blocks forming K equivalence sets.
@@ -593,7 +626,7 @@ def partition_cmd(similarity_dir, k, eps, size, general, block_similarity, debia
               help="Take the blocks of the chosen network of a search (search.json from `reassembly search`).")
 @click.option("--data", "data_spec", required=True, help="Target task, e.g. 'cifar10[5:10]': sets the head's classes "
                                                          "and supplies the least-squares probe images.")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+@click.option("--out", "out_dir", required=True, type=OutputDir(),
               help="Directory for structure.json + model.safetensors.")
 @click.option("--init", type=click.Choice(["least-squares", "default"]), default="least-squares", show_default=True,
               help="least-squares: fit the stem, stitches and head in closed form on probe images; default: "
@@ -663,7 +696,7 @@ def stitch_cmd(blocks, choice, data_spec, out_dir, init, probe_size, max_per_cla
               help="Frozen mode: keep the blocks' batch-norm statistics (eval) or let them update (train, as the "
                    "official code did).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--out", default=None, type=click.Path(file_okay=False),
+@click.option("--out", default=None, type=OutputDir(),
               help="Run directory (default NET/train-MODE); an unfinished run there is resumed.")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Folder holding the datasets.")
 def train_cmd(net_dir, data_spec, mode, epochs, lr, batch_size, max_per_class, augment, flip, block_norm, seed, out,
@@ -745,7 +778,7 @@ def nas():
                    "convs swapped for sandglass ops of the same kernel: 8).")
 @click.option("--data", "data_spec", default="cifar10", show_default=True,
               help="Dataset whose training split is searched on (the test split is never read), e.g. cifar10.")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+@click.option("--out", "out_dir", required=True, type=OutputDir(),
               help="Run directory; running the same command again resumes after the last finished epoch.")
 @click.option("--epochs", type=POSITIVE, default=8, show_default=True, help="Search epochs (DARTS: 50).")
 @click.option("--cells", type=POSITIVE, default=5, show_default=True,
@@ -804,7 +837,7 @@ def nas_search(space, data_spec, out_dir, epochs, cells, channels, subset, batch
 @click.argument("genotype", metavar="GENOTYPE")
 @click.option("--data", "data_spec", default="cifar10", show_default=True,
               help="Dataset: trained on its train split, evaluated on its test split after every epoch.")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+@click.option("--out", "out_dir", required=True, type=OutputDir(),
               help="Run directory; running the same command again resumes an unfinished run.")
 @click.option("--epochs", type=POSITIVE, default=10, show_default=True, help="Training epochs (DARTS: 600).")
 @click.option("--cells", type=POSITIVE, default=8, show_default=True, help="Cells of the network (DARTS: 20).")
@@ -882,7 +915,7 @@ def nas_show(genotype, cells, channels, num_classes, sg_reduction, macs):
               help="Run the built-in demo recipe: a network for CIFAR-10 classes 5-9 from the split-cifar zoo.")
 @click.option("--print-example", is_flag=True,
               help="Print the demo recipe, with comments, as a template to start from, and exit.")
-@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+@click.option("--out", "out_dir", default=None, type=OutputDir(),
               help="Run directory (default: the recipe's `out`, else runs/NAME). Stages already done there are "
                    "skipped.")
 @click.option("--force", is_flag=True, help="Run every stage afresh, replacing what the run directory holds.")
@@ -974,7 +1007,7 @@ def run_cmd(recipe_path, demo, print_example, out_dir, force, threads, data_root
               help="Draw the proxy's images only from this many training images per class (the subset `reassembly "
                    "stitch/train --max-per-class` use).")
 @click.option("--threads", type=POSITIVE, default=None, help="torch CPU threads (default: torch's choice).")
-@click.option("--out", default=None, type=click.Path(dir_okay=False),
+@click.option("--out", default=None, type=OutputFile(),
               help="Where to write the result (default: search.json beside partition.json).")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Folder holding the datasets.")
 def search_cmd(partition_dir, data_spec, params, macs, latency, min_params, min_macs, min_latency, proxy, top_k, seed,

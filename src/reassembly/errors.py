@@ -20,6 +20,14 @@ class DatasetError(ReassemblyError):
     """A dataset that cannot be found or a dataset spec that cannot be parsed."""
 
 
+def did_you_mean(name: str, candidates, n: int = 3, cutoff: float = 0.5) -> str:
+    """'; did you mean a, b?' for the candidates closest to a misspelled ``name`` (empty when none is close)."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(dict.fromkeys(candidates)), n=n, cutoff=cutoff)
+    return f"; did you mean {', '.join(close)}?" if close else ""
+
+
 def validation_message(error) -> str:
     """``field: message`` of the first problem a pydantic ``ValidationError`` reports, on one line."""
     first = error.errors()[0]

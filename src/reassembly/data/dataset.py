@@ -35,7 +35,10 @@ class DatasetSpec:
             raise DatasetError(f"cannot parse dataset {text!r}; write e.g. cifar10, cifar10[5:10], cifar10[0,2,4]")
         name, selection = match["name"], match["sel"]
         if not name.startswith("folder:") and name not in READERS:
-            raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(READERS)} or folder:PATH")
+            from ..errors import did_you_mean
+
+            raise DatasetError(f"unknown dataset {name!r}{did_you_mean(name, READERS)} (the datasets: "
+                               f"{', '.join(READERS)} or folder:PATH)")
         if selection is None:
             return cls(name)
         try:
@@ -46,7 +49,10 @@ class DatasetSpec:
                 classes = tuple(int(s) for s in selection.split(",") if s.strip())
         except ValueError:
             raise DatasetError(f"cannot parse the class selection [{selection}] in {text!r}; use [a:b] or [i,j,k]") from None
-        if not classes or len(set(classes)) != len(classes) or min(classes) < 0:
+        if not classes:
+            raise DatasetError(f"the class selection in {text!r} names no class; write e.g. {name}[0:5] or {name}[0,2]"
+                               f", or {name} for every class")
+        if len(set(classes)) != len(classes) or min(classes) < 0:
             raise DatasetError(f"the class selection in {text!r} must name distinct, non-negative classes")
         return cls(name, classes)
 

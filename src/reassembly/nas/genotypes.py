@@ -173,7 +173,10 @@ def load_genotype(spec: str | Path | Genotype) -> Genotype:
     if path.is_dir() and (path / "genotype.json").is_file():
         path = path / "genotype.json"
     if not path.is_file():
-        raise GenotypeError(f"unknown genotype {text!r}: not a file, and not one of {', '.join(GENOTYPES)}")
+        from ..errors import did_you_mean
+
+        raise GenotypeError(f"unknown genotype {text!r}{did_you_mean(text, GENOTYPES)} (not a file, and not one of "
+                            f"{', '.join(GENOTYPES)})")
     return Genotype.from_json(path.read_text(), source=str(path))
 
 

@@ -94,8 +94,11 @@ class ZooSection(_Section):
         shipped = {entry.name for entry in load_manifest()}
         unknown = [name for name in names if name not in shipped]
         if unknown:
-            raise ValueError(f"no shipped model named {', '.join(unknown)}; use names from `reassembly zoo list` "
-                             f"({', '.join(sorted(shipped))}) or a group ({', '.join(ZOO_SETS)})")
+            from ..errors import did_you_mean
+
+            hint = did_you_mean(unknown[0], list(shipped) + list(ZOO_SETS))
+            raise ValueError(f"no shipped model named {', '.join(unknown)}{hint} (`reassembly zoo list` lists them: "
+                             f"{', '.join(sorted(shipped))}; groups: {', '.join(ZOO_SETS)})")
         if len(names) < 2:
             raise ValueError(f"reassembly needs at least two models, got {names[0]}")
         return value
@@ -296,7 +299,7 @@ def load_recipe(source: str | Path | dict | Recipe) -> Recipe:
     """A validated :class:`Recipe` from a YAML file, a dict or a recipe; errors name the file and the key."""
     if isinstance(source, Recipe):
         return source
-    where = "recipe"
+    where, tree = "recipe", None
     if isinstance(source, (str, Path)):
         path = Path(source)
         where = str(path)
@@ -304,7 +307,9 @@ def load_recipe(source: str | Path | dict | Recipe) -> Recipe:
             raise RecipeError(f"recipe {path} not found; `reassembly run --print-example > {path.name}` writes a "
                               "template to start from")
         try:
-            source = yaml.safe_load(path.read_text())
+            text = path.read_text()
+            source = yaml.safe_load(text)
+            tree = yaml.compose(text, Loader=yaml.SafeLoader)  # the same document, with line numbers
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             line = f" (line {mark.line + 1})" if mark is not None else ""
@@ -318,10 +323,29 @@ def load_recipe(source: str | Path | dict | Recipe) -> Recipe:
     try:
         recipe = Recipe.model_validate(source)
     except ValidationError as exc:
-        raise RecipeError(f"{where}: {_explain(exc)}") from None
+        line = _line_of(tree, [str(part) for part in exc.errors()[0]["loc"]]) if tree is not None else None
+        raise RecipeError(f"{where}{f', line {line}' if line else ''}: {_explain(exc)}") from None
     if recipe.name is None and isinstance(where, str) and where != "recipe":
         recipe.name = Path(where).stem
     return recipe
+
+
+def _line_of(tree, loc: list[str]) -> int | None:
+    """The 1-based line of the YAML node at ``loc`` (a key's line; for a key that is missing, its section's line;
+    None for a key missing at the top level, which is the whole file's problem)."""
+    node, line = tree, None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            found = next(((key, value) for key, value in node.value if str(key.value) == part), None)
+            if found is None:
+                return line
+            line, node = found[0].start_mark.line + 1, found[1]
+        elif isinstance(node, yaml.SequenceNode) and part.isdigit() and int(part) < len(node.value):
+            node = node.value[int(part)]
+            line = node.start_mark.line + 1
+        else:  # a part the recipe does not spell (a scalar turned into a section, a validator's name)
+            return line
+    return line
 
 
 def _explain(error: ValidationError) -> str:

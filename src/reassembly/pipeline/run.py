@@ -101,7 +101,12 @@ def run_recipe(source: str | Path | dict | Recipe, out: str | Path | None = None
     recipe.out = str(run_dir)
     if recipe.name is None:
         recipe.name = run_dir.name
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # the run directory or a folder above it is a file
+        blocker = next(p for p in [run_dir, *run_dir.parents] if p.exists())
+        raise ReassemblyError(f"run directory {run_dir} cannot be created: {blocker} is a file, not a folder; set "
+                              "another `out` in the recipe or pass --out") from None
     with exclusive(run_dir, "run"):
         origin = str(source) if isinstance(source, (str, Path)) else "a recipe given in Python"
         header = (f"# The recipe of this run with every default filled in (from {origin}).\n"

@@ -60,7 +60,7 @@ def load_zoo(spec: str, image_size: int | None = None) -> list[ZooMember]:
     """Shipped pretrained models by name, comma-separated, or a named group (``split-cifar``), as zoo members with
     the normalisation they were trained with; ``image_size`` overrides the size they were trained at."""
     from ..data import normalization_of
-    from ..errors import UnknownModelError
+    from ..errors import UnknownModelError, did_you_mean
     from ..zoo import create_model
     from ..zoo.pretrained import load_manifest
     from ..zoo.recipes import ZOO_SETS
@@ -73,8 +73,8 @@ def load_zoo(spec: str, image_size: int | None = None) -> list[ZooMember]:
     unknown = [name for name in names if name not in shipped]
     if unknown:
         raise UnknownModelError(
-            f"no shipped model named {', '.join(unknown)}; use names from `reassembly zoo list` "
-            f"({', '.join(sorted(shipped))}) or a group ({', '.join(ZOO_SETS)})"
+            f"no shipped model named {', '.join(unknown)}{did_you_mean(unknown[0], list(shipped) + list(ZOO_SETS))} "
+            f"(`reassembly zoo list` lists them: {', '.join(sorted(shipped))}; groups: {', '.join(ZOO_SETS)})"
         )
     members = []
     for name in dict.fromkeys(names):

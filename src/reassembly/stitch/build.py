@@ -74,7 +74,10 @@ def pretrained_block(name: str, start: int, stop: int, *, pretrained: bool = Tru
 
     shipped = {entry.name: entry for entry in load_manifest()}
     if name not in shipped:
-        raise ReassemblyError(f"no shipped model named {name!r}: blocks come from the pretrained zoo "
+        from ..errors import did_you_mean
+
+        raise ReassemblyError(f"no shipped model named {name!r}{did_you_mean(name, shipped)}: blocks come from the "
+                              "pretrained zoo "
                               f"({', '.join(sorted(shipped))}; see `reassembly zoo list`)")
     entry = shipped[name]
     model = create_model(name, pretrained=True) if pretrained else create_model(

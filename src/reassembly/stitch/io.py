@@ -43,7 +43,11 @@ def save_net(net: ReassembledNet, directory: str | Path, info: dict | None = Non
         "weights": {"file": WEIGHTS, "sha256": sha256_of(weights)},
         "info": info or {},
     }
-    write_text(directory / STRUCTURE, json.dumps(record, indent=1) + "\n")
+    try:
+        write_text(directory / STRUCTURE, json.dumps(record, indent=1) + "\n")
+    except BaseException:  # weights without their structure are no network: leave none rather than half of one
+        weights.unlink(missing_ok=True)
+        raise
     return directory
 
 

@@ -147,11 +147,16 @@ def _create_timm(name, num_classes, pretrained, checkpoint, **kwargs) -> nn.Modu
 
 
 def _unknown(name: str) -> UnknownModelError:
-    close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    from ..errors import did_you_mean
+    from .pretrained import load_manifest
+
+    try:  # the shipped models are names a command takes too
+        shipped = [entry.name for entry in load_manifest()]
+    except Exception:  # noqa: BLE001 - a broken manifest must not hide the unknown name
+        shipped = []
     return UnknownModelError(
-        f"unknown model {name!r}{hint} (`reassembly zoo list --archs` lists the architectures; "
-        "prefix a timm name with 'timm:')"
+        f"unknown model {name!r}{did_you_mean(name, list(_REGISTRY) + shipped)} (`reassembly zoo list --archs` "
+        "lists the architectures, `reassembly zoo list` the shipped models; prefix a timm name with 'timm:')"
     )
 
 

@@ -22,7 +22,10 @@ from .registry import create_model
 
 def recipe_for(name: str) -> ZooRecipe:
     if name not in ZOO_RECIPES:
-        raise ReassemblyError(f"no zoo recipe named {name!r}; choose from {', '.join(ZOO_RECIPES)}")
+        from ..errors import did_you_mean
+
+        raise ReassemblyError(f"no zoo recipe named {name!r}{did_you_mean(name, ZOO_RECIPES)} (the recipes: "
+                              f"{', '.join(ZOO_RECIPES)})")
     return ZOO_RECIPES[name]
 
 

@@ -138,7 +138,10 @@ def get_proxy(name: str) -> Proxy:
         except (ImportError, AttributeError) as exc:
             raise ProxyError(f"cannot import proxy {name!r}: {exc}") from None
         return register_proxy(name, function, description=f"user proxy {name}")
-    raise ProxyError(f"unknown proxy {name!r}; registered: {', '.join(PROXIES)} (or give MODULE:FUNCTION)")
+    from ...errors import did_you_mean
+
+    raise ProxyError(f"unknown proxy {name!r}{did_you_mean(name, PROXIES)} (registered: {', '.join(PROXIES)}; or give "
+                     "MODULE:FUNCTION)")
 
 
 def available_proxies() -> list[str]:
