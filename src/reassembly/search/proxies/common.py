@@ -111,3 +111,21 @@ def target_batches(images: torch.Tensor, labels: torch.Tensor, batches: int = 5,
     count = max(1, min(batches, len(images) // batch_size))
     return [(images[chosen], labels[chosen]) for chosen in
             (order[i * batch_size : (i + 1) * batch_size] for i in range(count)) if len(chosen) >= 2]
+
+
+def averaged_over_batches(net: nn.Module, batches: list[Batch], parts: list[nn.Module] | None,
+                          score_batch: Callable[[torch.Tensor, PartTracker], tuple[float, list[float]]]
+                          ) -> tuple[float, list[float] | None]:
+    """A proxy's score of ``net`` (in train mode) and of each of ``parts``, each the mean over ``batches`` of what
+    ``score_batch(images, tracker)`` returns for one batch: (the network's score, one score per part)."""
+    parts = list(parts or [])
+    net.train()
+    tracker = PartTracker(parts)
+    totals, terms = [], [[] for _ in parts]
+    for images, _labels in batches:
+        total, part_scores = score_batch(images, tracker)
+        totals.append(total)
+        for index, score in enumerate(part_scores):
+            terms[index].append(score)
+    mean = sum(totals) / len(totals)
+    return mean, [sum(t) / len(t) for t in terms] if parts else None

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .common import Batch, PartTracker
+from .common import Batch, PartTracker, averaged_over_batches
 
 K = 1e-5
 
@@ -36,22 +36,20 @@ def correlation_score(jacobian: torch.Tensor) -> float:
 def jacob_cov(net: nn.Module, batches: list[Batch], parts: list[nn.Module] | None = None
               ) -> tuple[float, list[float] | None]:
     """jacob_cov of ``net`` averaged over ``batches``, and each part's own score."""
-    parts = list(parts or [])
-    net.train()
-    tracker = PartTracker(parts)
-    totals, terms = [], [[] for _ in parts]
-    for images, _labels in batches:
+
+    def score_batch(images: torch.Tensor, tracker: PartTracker) -> tuple[float, list[float]]:
         x = images.clone().requires_grad_(True)
         with tracker.installed(keep=True):
             output = net(x)
         output.sum().backward()
-        totals.append(correlation_score(x.grad))
-        for index, part in enumerate(parts):
+        part_scores = []
+        for index, part in enumerate(tracker.parts):
             if index not in tracker.inputs:
-                terms[index].append(0.0)
+                part_scores.append(0.0)
                 continue
             h = tracker.inputs[index].clone().requires_grad_(True)
             part(h).sum().backward()
-            terms[index].append(correlation_score(h.grad))
-    mean = sum(totals) / len(totals)
-    return mean, [sum(t) / len(t) for t in terms] if parts else None
+            part_scores.append(correlation_score(h.grad))
+        return correlation_score(x.grad), part_scores
+
+    return averaged_over_batches(net, batches, parts, score_batch)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .common import Batch, PartTracker, WatchActivations
+from .common import Batch, PartTracker, WatchActivations, averaged_over_batches
 
 
 def _kernel_update(kernel: torch.Tensor, output: torch.Tensor) -> None:
@@ -46,16 +46,13 @@ def logdet(kernel: torch.Tensor) -> float:
 def naswot(net: nn.Module, batches: list[Batch], parts: list[nn.Module] | None = None
            ) -> tuple[float, list[float] | None]:
     """NASWOT of ``net`` averaged over ``batches``, and the block term of each of ``parts`` (modules of ``net``)."""
-    parts = list(parts or [])
-    net.train()
-    tracker = PartTracker(parts)
-    totals, terms = [], [[] for _ in parts]
-    for images, _labels in batches:
+
+    def score_batch(images: torch.Tensor, tracker: PartTracker) -> tuple[float, list[float]]:
         n = images.shape[0]
         kernel = torch.zeros(n, n, dtype=torch.float64)
-        part_kernels = [torch.zeros(n, n, dtype=torch.float64) for _ in parts]
+        part_kernels = [torch.zeros(n, n, dtype=torch.float64) for _ in tracker.parts]
 
-        def record(output: torch.Tensor, n=n, kernel=kernel, part_kernels=part_kernels) -> None:
+        def record(output: torch.Tensor) -> None:
             if output.dim() == 0 or output.shape[0] != n:
                 return
             _kernel_update(kernel, output)
@@ -64,8 +61,7 @@ def naswot(net: nn.Module, batches: list[Batch], parts: list[nn.Module] | None =
 
         with tracker.installed(), WatchActivations(record):
             net(images)
-        totals.append(logdet(kernel))
-        for index, part_kernel in enumerate(part_kernels):
-            terms[index].append(logdet(part_kernel + torch.eye(n, dtype=torch.float64)))
-    mean = sum(totals) / len(totals)
-    return mean, [sum(t) / len(t) for t in terms] if parts else None
+        eye = torch.eye(n, dtype=torch.float64)
+        return logdet(kernel), [logdet(part_kernel + eye) for part_kernel in part_kernels]
+
+    return averaged_over_batches(net, batches, parts, score_batch)
