@@ -17,7 +17,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from reporting import write_report
+from common import write_report
 
 import reassembly as ra
 from reassembly.data import Preprocess

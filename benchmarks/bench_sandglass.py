@@ -24,13 +24,12 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-from reporting import write_report
+from common import Job, run_processes, write_report
 import torch.nn.functional as F
 
 ARMS = {"mobilenext": "cifar_mobilenext_075", "mobilenetv2": "cifar_mobilenetv2_075"}
@@ -118,25 +117,9 @@ def train_one(arm: str, seed: int, args) -> None:
 
 def launch(args, pending: list[tuple[str, int]]) -> None:
     """Run the pending (arm, seed) trainings, ``--jobs`` at a time, each in its own process with its own log."""
-    running: list[tuple[subprocess.Popen, str]] = []
-    queue = list(pending)
-    failed = []
-    while queue or running:
-        while queue and len(running) < args.jobs:
-            arm, seed = queue.pop(0)
-            directory = run_dir(args.out, arm, seed)
-            directory.mkdir(parents=True, exist_ok=True)
-            command = [sys.executable, __file__, "--only", f"{arm}:{seed}", *forwarded(args)]
-            log = open(directory / "stdout.log", "a")
-            running.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), f"{arm}:{seed}"))
-            print(f"started {arm} seed {seed}", flush=True)
-        time.sleep(2)
-        for process, name in list(running):
-            if process.poll() is not None:
-                running.remove((process, name))
-                print(f"finished {name} (exit {process.returncode})", flush=True)
-                if process.returncode:
-                    failed.append(name)
+    jobs = [Job(f"{arm}:{seed}", [sys.executable, __file__, "--only", f"{arm}:{seed}", *forwarded(args)],
+                run_dir(args.out, arm, seed) / "stdout.log") for arm, seed in pending]
+    failed = run_processes(jobs, args.jobs)
     if failed:
         raise SystemExit(f"runs failed: {', '.join(failed)}; see their stdout.log under {args.out}")
 

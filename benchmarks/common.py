@@ -1,8 +1,12 @@
-"""What the benchmark scripts share: writing a report folder (results.json + report.md) atomically."""
+"""What the benchmark scripts share: running their jobs in parallel processes, and writing a report folder."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from reassembly.io import write_text
@@ -16,3 +20,38 @@ def write_report(directory: str | Path | None, record: dict, markdown: str) -> N
         write_text(directory / "results.json", json.dumps(record, indent=2) + "\n")
         write_text(directory / "report.md", markdown)
     print(markdown)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run of a benchmark: a name to report, the command that runs it, and the log its output is appended to."""
+
+    name: str
+    command: list[str]
+    log: Path
+
+
+def run_processes(jobs: list[Job], width: int, then: Callable[[], list[Job] | None] | None = None) -> list[str]:
+    """Run the jobs ``width`` at a time, each in its own process; returns the names of those that failed.
+    ``then()``, asked as the jobs finish until it answers, gives more jobs to put at the front of the queue."""
+    queue, running, failed = list(jobs), [], []
+    while queue or running or then is not None:
+        if then is not None and (more := then()) is not None:
+            queue[:0], then = list(more), None
+        elif then is not None and not queue and not running:
+            break
+        while queue and len(running) < width:
+            job = queue.pop(0)
+            job.log.parent.mkdir(parents=True, exist_ok=True)
+            with open(job.log, "a") as log:
+                running.append((subprocess.Popen(job.command, stdout=log, stderr=subprocess.STDOUT), job.name))
+            print(f"started {job.name}", flush=True)
+        time.sleep(1)
+        for process, name in list(running):
+            if process.poll() is not None:
+                running.remove((process, name))
+                print(f"finished {name}" if process.returncode == 0 else f"FAILED {name} (exit {process.returncode})",
+                      flush=True)
+                if process.returncode:
+                    failed.append(name)
+    return failed

@@ -39,7 +39,7 @@ from reassembly.train.evaluate import resolve_normalization
 
 sys.path.insert(0, str(Path(__file__).parent))
 from lego_check import masked_logits
-from reporting import write_report
+from common import write_report
 
 MODELS = {
     "cifar_resnet20": {"checkpoint": "../shared/models/akamaster-cifar10-resnet/resnet20-12fca82f.th"},

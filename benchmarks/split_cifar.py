@@ -35,13 +35,11 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
-from reporting import write_report
+from common import Job, run_processes, write_report
 
 TARGET = "cifar10[5:10]"
 PER_CLASS = 1000  # DESIGN.md's protocol; --per-class changes it for smoke runs only
@@ -212,30 +210,18 @@ def finished(out: Path, job: dict) -> dict | None:
 
 def launch(jobs: list[dict], args, out: Path, then=None) -> list[str]:
     """Run the unfinished jobs ``--jobs`` at a time, each in its own process; returns the names that failed.
-    ``then()``, asked after each finished job until it answers, gives jobs to put at the front of the queue."""
-    queue = [job for job in jobs if finished(out, job) is None]
-    running, failed = [], []
-    while queue or running or then is not None:
-        if then is not None and (more := then()) is not None:
-            queue[:0], then = [job for job in more if finished(out, job) is None], None
-        elif then is not None and not queue and not running:
-            break
-        while queue and len(running) < args.jobs:
-            job = queue.pop(0)
-            log_dir = out / "logs"
-            log_dir.mkdir(parents=True, exist_ok=True)
-            log = open(log_dir / f"{job['name']}.log", "a")
-            command = [sys.executable, __file__, "--out", str(out), "--threads", str(args.threads),
-                       "--only", json.dumps(job)]
-            running.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), job["name"]))
-        time.sleep(1)
-        for process, name in list(running):
-            if process.poll() is not None:
-                running.remove((process, name))
-                print(f"{'finished' if process.returncode == 0 else 'FAILED'} {name}", flush=True)
-                if process.returncode:
-                    failed.append(name)
-    return failed
+    ``then()``, asked as jobs finish until it answers, gives jobs to put at the front of the queue."""
+
+    def processes(batch: list[dict]) -> list[Job]:
+        return [Job(job["name"], [sys.executable, __file__, "--out", str(out), "--threads", str(args.threads),
+                                  "--only", json.dumps(job)], out / "logs" / f"{job['name']}.log")
+                for job in batch if finished(out, job) is None]
+
+    def more() -> list[Job] | None:
+        batch = then()
+        return None if batch is None else processes(batch)
+
+    return run_processes(processes(jobs), args.jobs, more if then is not None else None)
 
 
 # ---------------------------------------------------------------- report
