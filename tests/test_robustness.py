@@ -530,6 +530,38 @@ def test_a_checkpoint_for_another_architecture_names_the_keys_or_shapes(tmp_path
     assert "classes" not in line
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_or_infinite_weights_are_refused(tmp_path, data_root, value):
+    from reassembly import create_model, save_checkpoint
+
+    state = create_model("cifar_resnet20").state_dict()
+    state["layer2.0.conv1.weight"][3, 1, 0, 0] = value
+    path = save_checkpoint(state, tmp_path / "diverged.safetensors")
+    assert_one_line_error(invoke("eval", "--model", "cifar_resnet20", "--data", "cifar10", "--data-root", data_root,
+                                 "--checkpoint", path), 1, "NaN or infinite values in 1 of its",
+                          "layer2.0.conv1.weight", "load an earlier checkpoint")
+
+
+def test_a_saved_network_with_nan_weights_is_refused(tmp_path, data_root):
+    from reassembly.stitch import build_network
+    from reassembly.stitch.build import pretrained_block
+    from reassembly.stitch.io import save_net
+
+    net = build_network([pretrained_block("resnet20_cifar5", 1, 4)], num_classes=5)
+    with torch.no_grad():
+        net.head.fc.weight[0, 0] = float("nan")
+    save_net(net, tmp_path / "net")
+    assert_one_line_error(invoke("eval", "--model", tmp_path / "net", "--data", "cifar10[0:5]", "--data-root",
+                                 data_root), 1, "NaN or infinite values", "head.fc.weight")
+
+
+def test_a_one_class_target_is_refused_before_stitching(tmp_path):
+    out = tmp_path / "net"
+    assert_one_line_error(invoke("stitch", "--blocks", "resnet20_cifar5:1-4", "--data", "digits[3]", "--probe-size",
+                                 "20", "--out", out), 1, "digits[3:4] holds one class", "at least two", "digits[0:5]")
+    assert not out.exists()
+
+
 # --- saved networks (NET_DIR): broken weights, a structure.json that does not match ------------------------------------
 
 @pytest.fixture(scope="module")

@@ -124,6 +124,32 @@ def test_an_interrupted_run_resumes_to_the_same_matrices(tmp_path, estimator):
         np.testing.assert_array_equal(resumed.points("cnn0", "cnn1", debiased), straight.points("cnn0", "cnn1", debiased))
 
 
+def test_ctrl_c_keeps_the_batches_done_and_the_rerun_gives_the_same_matrices(tmp_path, monkeypatch):
+    import signal
+
+    import reassembly.similarity.stage as stage
+
+    members, probe = zoo(0, 1), probe_images(n=160)
+    features, calls = stage._features, []
+
+    def ctrl_c_in_the_third_batch(*args, **kwargs):  # a real SIGINT, delivered while a batch is being computed
+        calls.append(1)
+        if len(calls) == 5:
+            signal.raise_signal(signal.SIGINT)
+        return features(*args, **kwargs)
+
+    monkeypatch.setattr(stage, "_features", ctrl_c_in_the_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        run(members, probe, tmp_path / "part")
+    monkeypatch.setattr(stage, "_features", features)
+    with np.load(tmp_path / "part" / "progress" / "rank-0-of-1.npz") as saved:
+        assert int(saved["__batches_done__"]) == 2  # batch 0 (the reference) and batch 1 were whole
+    assert not (tmp_path / "part" / "similarity.json").exists()
+    resumed, straight = run(members, probe, tmp_path / "part"), run(members, probe, tmp_path / "whole")
+    for debiased in (False, True):
+        np.testing.assert_array_equal(resumed.points("cnn0", "cnn1", debiased), straight.points("cnn0", "cnn1", debiased))
+
+
 def test_resuming_with_other_settings_is_refused(tmp_path):
     members, probe = zoo(0, 1), probe_images(n=160)
     run(members, probe, tmp_path / "sim", stop_after=1)

@@ -117,8 +117,9 @@ def _decode(value: str) -> Any:
 def load_into(model: nn.Module, path: str | Path, model_name: str | None = None) -> dict[str, Any]:
     """Load ``path`` into ``model`` strictly; returns the checkpoint's metadata.
 
-    Mismatches are reported by name, and a classifier of the wrong width says how many classes the
-    checkpoint was trained for.
+    Mismatches are reported by name, a classifier of the wrong width says how many classes the checkpoint was
+    trained for, and NaN or infinite weights are refused (they would only give NaN outputs and a chance-level
+    score).
     """
     state, metadata = read_state_dict(path)
     own = model.state_dict()
@@ -146,6 +147,11 @@ def load_into(model: nn.Module, path: str | Path, model_name: str | None = None)
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
         raise CheckpointError(f"{path} does not fit model {label}: {'; '.join(parts)}; is it the right architecture?")
+    broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise CheckpointError(f"{path} holds NaN or infinite values in {len(broken)} of its {len(state)} tensors "
+                              f"(e.g. {', '.join(broken[:3])}): the training that wrote it diverged or the file was "
+                              "damaged; load an earlier checkpoint or train again")
     model.load_state_dict(state, strict=True)
     return metadata
 

@@ -22,8 +22,8 @@ class OneLineUsageError(click.UsageError):
 
 
 class FriendlyGroup(click.Group):
-    """Turn library errors into one-line messages and a non-zero exit: 1 for a failure, 2 for a usage error (set
-    REASSEMBLY_DEBUG=1, or pass --debug, for tracebacks)."""
+    """Turn library errors into one-line messages and a non-zero exit: 1 for a failure, 2 for a usage error, 130 for
+    Ctrl-C (set REASSEMBLY_DEBUG=1, or pass --debug, for tracebacks)."""
 
     def invoke(self, ctx):
         try:
@@ -36,6 +36,12 @@ class FriendlyGroup(click.Group):
             if os.environ.get("REASSEMBLY_DEBUG"):
                 raise
             raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:  # Ctrl-C: outputs are written atomically, so nothing partial is left
+            if os.environ.get("REASSEMBLY_DEBUG"):
+                raise
+            click.echo("Error: interrupted (Ctrl-C); no partial file was written. Run the same command again: "
+                       "similarity, training, NAS and `reassembly run` resume where they stopped", err=True)
+            raise SystemExit(INTERRUPTED) from None
         except OSError as exc:  # a file or folder that cannot be read or written
             if os.environ.get("REASSEMBLY_DEBUG") or exc.strerror is None:
                 raise
@@ -44,6 +50,7 @@ class FriendlyGroup(click.Group):
 
 
 POSITIVE = click.IntRange(min=1)
+INTERRUPTED = 130  # the shell's exit status for a process stopped by SIGINT
 
 
 def _check_creatable(path: Path, value: str, param_type: click.ParamType, param, ctx) -> None:
@@ -547,9 +554,12 @@ def convert(src, dst, trust_pickle):
               help="How token features become one vector: mean over all tokens (as DeRy), or the class token.")
 @click.option("--image-size", type=POSITIVE, default=None, help="Resize probe images to this square size.")
 @click.option("--heatmaps/--no-heatmaps", default=True, show_default=True, help="Write a PNG per model pair.")
+@click.option("--checkpoint-seconds", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              help="Save the accumulated statistics at most this often (0: after every batch), so that a killed run "
+                   "loses at most this much work; Ctrl-C saves them at once.")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Folder holding the datasets.")
 def similarity(zoo_spec, data_spec, split, probe_size, out_dir, seed, batch_size, estimator, debiased, token_pool,
-               image_size, heatmaps, data_root):
+               image_size, heatmaps, checkpoint_seconds, data_root):
     """DeRy stage 1: CKA between the node inputs and outputs of every pair of zoo models, on probe images.
 
     Each model is dissected into its node chain; the probe images go through every model once, and the pooled
@@ -564,7 +574,8 @@ def similarity(zoo_spec, data_spec, split, probe_size, out_dir, seed, batch_size
 
     run = similarity_stage(zoo_spec, data_spec, out_dir, split=split, probe_size=probe_size, seed=seed,
                            image_size=image_size, data_root=data_root, batch_size=batch_size, estimator=estimator,
-                           token_pool=token_pool, debiased=debiased, heatmaps=heatmaps, progress=sys.stderr.isatty())
+                           token_pool=token_pool, debiased=debiased, heatmaps=heatmaps, progress=sys.stderr.isatty(),
+                           checkpoint_seconds=checkpoint_seconds)
     if run is None:  # a non-zero rank of a sharded run
         return
     chains = ", ".join(f"{m['name']} ({len(m['chain']['nodes'])} nodes)" for m in run.index["models"])

@@ -58,7 +58,37 @@ def exclusive(directory: str | os.PathLike, activity: str):
         except BlockingIOError:
             raise ReassemblyError(f"{directory} is being {activity} by another process; wait for it or use another "
                                   "--out") from None
+        remove_stale_temporaries(directory)
         yield
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files :func:`atomic_path` left in ``directory`` (and below) when a process writing them
+    was killed; call it only while holding the directory's :func:`exclusive` lock, when no writer can be alive."""
+    stale = [p for p in Path(directory).rglob(".*.tmp") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Hold Ctrl-C (SIGINT) until the block ends, then raise it: an in-memory state the block updates in several
+    steps is never saved half updated. Outside the main thread, where signals cannot be handled, a plain block."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -37,7 +37,7 @@ from ..data import ImageDataset, normalize
 from ..errors import ReassemblyError
 from ..graph import NodeChain, dissect, tap
 from ..graph.taps import TOKEN_POOLS
-from ..io import atomic_path, write_text
+from ..io import atomic_path, interrupts_deferred, write_text
 from .cka import ESTIMATORS, StreamingCKA, min_samples
 
 INDEX = "similarity.json"
@@ -269,11 +269,15 @@ def compute_similarity(
                 else:
                     features[member.name] = _features(chains[member.name], member, images, token_pool)
                 bar.update(1)
-            accumulator.update(features)
-            done, processed = done + 1, processed + 1
-            if time.monotonic() - last_save > checkpoint_seconds:
+            with interrupts_deferred():  # Ctrl-C saves the progress below: never half an update
+                accumulator.update(features)
+                done, processed = done + 1, processed + 1
+            if time.monotonic() - last_save >= checkpoint_seconds:
                 _save_progress(accumulator, progress_path, record, done)
                 last_save = time.monotonic()
+    except KeyboardInterrupt:  # keep the batches done so far: the same call resumes after them
+        _save_progress(accumulator, progress_path, record, done)
+        raise
     finally:
         for bar in bars:
             bar.close()
@@ -294,7 +298,7 @@ def compute_similarity(
 def similarity_stage(zoo: str, data: str, out_dir: str | Path, *, split: str = "train", probe_size: int = 2000,
                      seed: int = 0, image_size: int | None = None, data_root=None, batch_size: int = 250,
                      estimator: str = "minibatch", token_pool: str = "mean", debiased: bool = True,
-                     heatmaps: bool = True, progress: bool = True,
+                     heatmaps: bool = True, progress: bool = True, checkpoint_seconds: float = 60.0,
                      stop_after: int | None = None) -> SimilarityRun | None:
     """``reassembly similarity``: load the shipped models of ``zoo`` (names or a group, see :func:`load_zoo`), draw
     ``probe_size`` images of ``data``'s ``split`` at random with ``seed`` and run :func:`compute_similarity` into
@@ -317,7 +321,7 @@ def similarity_stage(zoo: str, data: str, out_dir: str | Path, *, split: str = "
                 "image_size": size}
     return compute_similarity(members, probe, out_dir, settings=settings, batch_size=batch_size, estimator=estimator,
                               token_pool=token_pool, debiased=debiased, heatmaps=heatmaps, progress=progress,
-                              stop_after=stop_after)
+                              checkpoint_seconds=checkpoint_seconds, stop_after=stop_after)
 
 
 def _resume(accumulator: StreamingCKA, path: Path, record: dict) -> int:

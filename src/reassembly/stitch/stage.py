@@ -38,6 +38,9 @@ def stitch_stage(blocks: str | list[str], data: str, out: str | Path, *, init: s
     channels, size = sources[0].ref.input_size[0], sources[0].ref.input_size[1]
     train = load_dataset(data, "train", root=data_root, image_size=size, channels=channels,
                          max_per_class=max_per_class, seed=0)  # the subset training uses
+    if train.num_classes < 2:
+        raise ReassemblyError(f"{train.name} holds one class ({train.classes[0]}): a classifier needs at least two; "
+                              f"select more, e.g. {train.name.split('[')[0]}[0:5]")
     torch.manual_seed(seed)  # the default initialisation of the stem, stitches and head
     net = build_network(sources, train.num_classes, stem=stem, token_pool=token_pool, classes=list(train.classes))
     report: dict = {"method": init}
