@@ -63,11 +63,6 @@ details { margin: 10px 0; } summary { cursor: pointer; color: #2a5d9f; }
 .legend li { color: #444; font-size: 13.5px; }
 """
 
-SECTIONS = [("recipe", "Recipe"), ("similarity", "Similarity (CKA)"), ("partition", "Partition"),
-            ("search", "Search"), ("training", "Training"), ("comparison", "Against the zoo"),
-            ("card", "Model card")]
-
-
 def write_html_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write the report of ``run_dir`` to ``out`` (default ``RUN_DIR/report.html``), atomically; return its path."""
     run_dir = Path(run_dir)
@@ -86,11 +81,15 @@ def render_report(run_dir: Path) -> str:
     """The page as one HTML string."""
     run = _Run(run_dir)
     name = run.recipe.get("name") or run_dir.name
+    # the stages in the order they run, then the card, and the recipe that makes it all again
+    sections = [("similarity", "Similarity (CKA)", _similarity), ("partition", "Partition", _partition),
+                ("search", "Search", _search), ("training", "Training", _training),
+                ("comparison", "Against the zoo", _comparison), ("card", "Model card", _card),
+                ("recipe", "Recipe", _recipe)]
     parts = [_glance(run), *(f'<section id="{key}"><h2>{title}</h2>{draw(run)}</section>'
-                             for (key, title), draw in zip(SECTIONS, (_recipe, _similarity, _partition, _search,
-                                                                      _training, _comparison, _card)))]
+                             for key, title, draw in sections)]
     made = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    nav = " ".join(f'<a href="#{key}">{title}</a>' for key, title in SECTIONS)
+    nav = " ".join(f'<a href="#{key}">{title}</a>' for key, title, _ in sections)
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<title>{_e(name)}: reassembly run report</title><style>{STYLE}</style></head>\n<body><main>"
