@@ -207,7 +207,7 @@ def test_an_interrupted_training_stage_resumes(copy_of):
     recipe = tiny(train={"epochs": 2}, eval={"baselines": False})
     stopped, lines = run_quietly(recipe, copy_of, stop_after={"train-frozen": 1})
     assert stopped.statuses["train-frozen"] == "stopped" and not stopped.finished
-    assert "unfinished" in stopped.report.read_text()  # the report of a stopped run says where it stands
+    assert "Unfinished: train-frozen." in stopped.report.read_text()  # the report of a stopped run says so
     assert any("recipe.epochs 1 -> 2" in line for line in lines)
     log = copy_of / "net" / "train-frozen" / "log.jsonl"
     first = log.read_text().splitlines()

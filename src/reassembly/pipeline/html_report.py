@@ -63,6 +63,7 @@ details { margin: 10px 0; } summary { cursor: pointer; color: #2a5d9f; }
 .legend li { color: #444; font-size: 13.5px; }
 """
 
+
 def write_html_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write the report of ``run_dir`` to ``out`` (default ``RUN_DIR/report.html``), atomically; return its path."""
     run_dir = Path(run_dir)
@@ -189,7 +190,12 @@ def _glance(run: _Run) -> str:
                    f"{s['seconds']:.1f}" if s.get("seconds") is not None else "",
                    s.get("finished", "").replace("T", " ")]
                   for s in run.stages]
-    return glance + "<h3>Stages</h3>" + _table(["stage", "status", "seconds", "finished"], stage_rows, "llrl")
+    unfinished = [s["stage"] for s in run.stages if s.get("status") != "done"]
+    warning = (f'<p class="missing">Unfinished: {_e(", ".join(unfinished))}. The sections of the stages after it may '
+               "still show what an earlier run of this directory wrote; run <code>reassembly run</code> on it again "
+               "to finish.</p>" if unfinished else "")
+    return (glance + "<h3>Stages</h3>" + warning
+            + _table(["stage", "status", "seconds", "finished"], stage_rows, "llrl"))
 
 
 def _recipe(run: _Run) -> str:
@@ -227,8 +233,8 @@ def _similarity(run: _Run) -> str:
             png = png_bytes(pair_figure(run.similarity.points(pair["a"], pair["b"], debiased), chain_a, chain_b,
                                         f"linear CKA{' (debiased)' if debiased else ''}"))
         pairs.append(_image(png, f"CKA heatmaps of {pair['a']} against {pair['b']}"))
-    return (intro + overview + f"<details><summary>The {len(pairs)} pairs one by one, node inputs and outputs with "
-            f"node names</summary>{''.join(pairs)}</details>")
+    return (intro + overview + f"<details><summary>{'The pair' if len(pairs) == 1 else f'The {len(pairs)} pairs one by one'}"
+            f", node inputs and outputs with node names</summary>{''.join(pairs)}</details>")
 
 
 def _partition(run: _Run) -> str:
