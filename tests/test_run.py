@@ -1,11 +1,15 @@
 """``reassembly run``: recipe validation, a tiny recipe end to end (digits, two zoo models), and the run directory's
 rules: a second run skips every stage, a corrupt or deleted artifact re-runs its stage and those downstream only, a
-changed recipe section re-runs from that stage, and interrupted stages resume."""
+changed recipe section re-runs from that stage, and interrupted stages resume. Then the run's HTML report: what it
+holds, what it says of stages not yet run, and how it looks in headless Chromium."""
 
 from __future__ import annotations
 
+import base64
 import copy
+import io
 import json
+import re
 import shutil
 
 import pytest
@@ -19,7 +23,9 @@ from reassembly.pipeline import (
     load_recipe,
     run_recipe,
 )
+from reassembly.pipeline.html_report import markdown_to_html, write_html_report
 
+from .browser import needs_chromium, open_page
 from .test_cli import assert_one_line_error, run
 
 TINY = {
@@ -152,10 +158,12 @@ def test_a_tiny_recipe_runs_end_to_end_and_writes_every_artifact(base):
 
 def test_a_second_run_skips_every_stage(copy_of):
     before = (copy_of / "eval.json").read_bytes()
+    (copy_of / "report.html").unlink()
     result, lines = run_quietly(tiny(), copy_of)
     assert result.statuses == dict.fromkeys(STAGES, "skipped")
     assert all("skipped: up to date" in line for line in lines) and len(lines) == len(STAGES)
     assert (copy_of / "eval.json").read_bytes() == before and result.eval == json.loads(before)
+    assert result.report == copy_of / "report.html" and result.report.is_file()  # the report is written anew
 
 
 def test_a_corrupt_artifact_reruns_its_stage_and_those_downstream_only(copy_of):
@@ -199,6 +207,7 @@ def test_an_interrupted_training_stage_resumes(copy_of):
     recipe = tiny(train={"epochs": 2}, eval={"baselines": False})
     stopped, lines = run_quietly(recipe, copy_of, stop_after={"train-frozen": 1})
     assert stopped.statuses["train-frozen"] == "stopped" and not stopped.finished
+    assert "Unfinished: train-frozen." in stopped.report.read_text()  # the report of a stopped run says so
     assert any("recipe.epochs 1 -> 2" in line for line in lines)
     log = copy_of / "net" / "train-frozen" / "log.jsonl"
     first = log.read_text().splitlines()
@@ -223,7 +232,7 @@ def test_run_command_skips_a_finished_run_and_prints_the_comparison(copy_of, tmp
     out = run("run", str(path), "--out", str(copy_of), "--threads", "1").stdout
     assert out.count("skipped: up to date") == len(STAGES)
     assert "reassembled" in out and "zoo resnet20_cifar5" in out and "top-1 frozen 1 ep" in out
-    assert "MODEL_CARD.md" in out
+    assert "MODEL_CARD.md" in out and "report.html" in out
 
 
 def test_run_command_errors_help_and_example(tmp_path):
@@ -235,3 +244,103 @@ def test_run_command_errors_help_and_example(tmp_path):
     example = run("run", "--print-example").stdout
     assert example == demo_path().read_text()
     assert "budget" in run("run", "--help").stdout
+
+
+# -- the report --------------------------------------------------------------------------------------------------------
+SECTIONS = ["recipe", "similarity", "partition", "search", "training", "comparison", "card"]
+
+
+def embedded_images(page: str) -> list[bytes]:
+    """The PNG bytes of every <img> of ``page``; fails on an image that is not an embedded PNG."""
+    sources = re.findall(r"<img [^>]*src=\"([^\"]*)\"", page)
+    assert all(source.startswith("data:image/png;base64,") for source in sources), [s[:40] for s in sources]
+    return [base64.b64decode(source.split(",", 1)[1]) for source in sources]
+
+
+def test_the_run_writes_a_self_contained_report(base):
+    from PIL import Image
+
+    out, result, _ = base
+    assert result.report == out / "report.html"
+    page = result.report.read_text()
+    for section in SECTIONS:
+        assert f'<section id="{section}">' in page, section
+    assert "Not there yet" not in page  # every stage has run
+    assert "<script" not in page and "http://" not in page and "https://" not in page and "<link" not in page
+    # the CKA overview and the one pair (drawn from the matrices: this recipe draws no heatmaps), the partition
+    # diagram, the search candidates and the training curves
+    images = embedded_images(page)
+    assert len(images) == 5
+    for png in images:
+        width, height = Image.open(io.BytesIO(png)).size
+        assert width > 100 and height > 100
+    search = json.loads((out / "search.json").read_text())
+    assert search["choice"]["blocks"] in page and "resnet20_fashion:1-" in page
+    top1 = result.eval["networks"][0]["results"]["frozen"]["top1"]
+    assert "<td>zoo resnet20_cifar5</td>" in page and f"{top1:.2f}" in page
+    assert "target: digits" in page  # the resolved recipe
+    assert "<h2>Parts</h2>" in page and "<strong>" in page  # the model card, rendered
+
+
+def test_the_report_says_which_stages_have_not_run(copy_of):
+    for relative in ["similarity/similarity.json", "partition.json", "partition.png", "search.json", "eval.json",
+                     "MODEL_CARD.md", "net/train-frozen/log.jsonl", "baselines"]:
+        path = copy_of / relative
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    page = write_html_report(copy_of).read_text()
+    for missing in ["similarity/similarity.json", "partition.json", "search.json", "net/train-frozen/log.jsonl",
+                    "eval.json", "MODEL_CARD.md"]:
+        assert f"Not there yet: {missing} is missing" in page, missing
+    assert "<img" not in page and '<section id="recipe">' in page
+
+
+def test_report_command_writes_where_asked_and_refuses_what_is_not_a_run(base, tmp_path):
+    target = tmp_path / "elsewhere" / "page.html"
+    proc = run("report", str(base[0]), "--out", str(target))
+    assert proc.stdout.strip() == f"wrote {target}" and len(embedded_images(target.read_text())) == 5
+    assert_one_line_error(run("report", str(tmp_path), check_ok=False), "is not a run directory",
+                          "recipe.resolved.yaml")
+    assert_one_line_error(run("report", str(tmp_path / "nowhere"), check_ok=False), "does not exist")
+
+
+def test_model_card_markdown_becomes_html():
+    text = """# Title with `code`
+
+A paragraph
+over two lines with **bold** and <b>markup</b>.
+
+| a | b |
+|---|---|
+| `x` | 2 |
+
+- one item
+  continued
+- two
+
+```
+raw <code>
+```
+"""
+    page = markdown_to_html(text)
+    assert "<h1>Title with <code>code</code></h1>" in page
+    assert "<p>A paragraph over two lines with <strong>bold</strong> and &lt;b&gt;markup&lt;/b&gt;.</p>" in page
+    assert "<thead><tr><th>a</th><th>b</th></tr></thead>" in page and "<td><code>x</code></td><td>2</td>" in page
+    assert "<ul><li>one item continued</li><li>two</li></ul>" in page
+    assert "<pre><code>raw &lt;code&gt;</code></pre>" in page
+
+
+@needs_chromium
+def test_the_report_renders_in_a_browser(base, tmp_path):
+    seen = open_page(base[0] / "report.html")
+    assert len(seen["images"]) == 5
+    assert all(width > 0 for _, width in seen["images"]), seen["images"]
+    assert seen["errors"] == []
+    assert seen["requests"] == [(base[0] / "report.html").resolve().as_uri()]  # nothing fetched but the page
+    # the check can fail: a page with a broken image and a script error is caught
+    broken = tmp_path / "broken.html"
+    broken.write_text('<img alt="bad" src="data:image/png;base64,AAAA"><script>undefinedFunction()</script>')
+    seen = open_page(broken)
+    assert seen["images"] == [("bad", 0)] and seen["errors"]

@@ -162,6 +162,7 @@ def cli(debug):
     Start here:
       reassembly run --demo                a network for CIFAR-10 classes 5-9 from blocks of the zoo
       reassembly run --print-example       the recipe behind it, to start your own
+      reassembly report runs/demo          the run on one HTML page (run writes it too)
       reassembly zoo list                  pretrained models shipped with the package
       reassembly zoo list --archs          every architecture, with parameters and MACs
       reassembly info cifar_resnet20       parameters, MACs and a layer table
@@ -980,12 +981,45 @@ def run_cmd(recipe_path, demo, print_example, out_dir, force, threads, data_root
     result = run_recipe(source, out_dir, force=force, data_root=data_root, progress=sys.stderr.isatty(),
                         echo=click.echo, command=command)
     if not result.finished:
+        click.echo(f"the run so far, on one page: {result.report}")
         return
     click.echo("")
     click.echo(comparison_table(result.eval))
     modes = result.recipe.train.modes
     final = result.out / "net" / (f"train-{modes[-1]}" if modes else "")
     click.echo(f"\nthe reassembled network: {final}; its model card: {result.out / 'MODEL_CARD.md'}")
+    click.echo(f"the whole run on one page (CKA, partition, search, training, comparison): {result.report}")
+
+
+@cli.command("report")
+@click.argument("run_dir", metavar="RUN_DIR", type=click.Path(file_okay=False))
+@click.option("--out", default=None, type=OutputFile(), help="Where to write the page (default: RUN_DIR/report.html).")
+@click.option("--open", "open_page", is_flag=True, help="Then open it in the web browser.")
+def report_cmd(run_dir, out, open_page):
+    """Write one self-contained HTML page showing a `reassembly run` directory.
+
+    The page holds the resolved recipe, the CKA heatmaps, the partition diagram (which nodes of each model
+    fall in which block), the search candidates on a proxy-score-against-parameters plot with the chosen one
+    starred, the training curves, the table against the zoo models within the budget, and the model card.
+    Images are embedded and the style is inline: the file needs no network and no other file, so it can be
+    mailed or archived alone. A stage that has not finished yet gets a note instead of its section.
+
+    `reassembly run` writes RUN_DIR/report.html itself at the end of every call; this command writes it
+    again (after an interrupted run, or after changing the package) or elsewhere.
+
+    \b
+    reassembly report runs/demo                      writes runs/demo/report.html
+    reassembly report runs/demo --out demo.html --open
+    """
+    from .pipeline.html_report import write_html_report
+
+    path = write_html_report(run_dir, out)
+    click.echo(f"wrote {path}")
+    if open_page:
+        import webbrowser
+
+        if not webbrowser.open(path.resolve().as_uri()):
+            click.echo(f"no web browser could be started here; open {path} yourself")
 
 
 @cli.command("search")

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..io import atomic_path
+from ..plots import pyplot, save_png
 
 
 def plot_partition(record: dict, chains: dict[str, dict], path: str | Path) -> Path:
-    """Draw ``record`` (a partition record) over the chains (``NodeChain.to_dict()`` by model name) as a PNG."""
-    import matplotlib
+    """Write :func:`partition_figure` to ``path`` as a PNG."""
+    return save_png(partition_figure(record, chains), path)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def partition_figure(record: dict, chains: dict[str, dict]):
+    """Draw ``record`` (a partition record) over the chains (``NodeChain.to_dict()`` by model name)."""
     from matplotlib.patches import Patch, Rectangle
+
+    plt = pyplot()
 
     models = record["models"]
     width = max(len(chains[model["name"]]["nodes"]) for model in models)
@@ -49,7 +52,4 @@ def plot_partition(record: dict, chains: dict[str, dict], path: str | Path) -> P
     axis.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
     for side in ("top", "right", "left"):
         axis.spines[side].set_visible(False)
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=110)
-    plt.close(figure)
-    return Path(path)
+    return figure

@@ -127,7 +127,7 @@ def _columns(record: dict) -> list[tuple[str, str]]:
     return columns
 
 
-def _legend(record: dict) -> list[str]:
+def comparison_legend(record: dict) -> list[str]:
     fit = record["fit"]
     how = (f"least squares on {fit['probe_images']:,} target training images" if fit["method"] == "least-squares"
            else "PyTorch's default initialisation")
@@ -172,7 +172,7 @@ def comparison_table(record: dict) -> str:
     reassembled = next(net for net in record["networks"] if net["kind"] == "reassembled")
     intro = (f"{record['data']} {record['split']} split, {record['images']:,} images; budget: {record['budget_text']}\n"
              f"reassembled blocks: {reassembled['blocks']}")
-    legend = [textwrap.fill(line, width=116, subsequent_indent="  ") for line in _legend(record)]
+    legend = [textwrap.fill(line, width=116, subsequent_indent="  ") for line in comparison_legend(record)]
     return "\n".join([intro, table, *legend])
 
 
@@ -273,7 +273,7 @@ Made by `reassembly run` (DeRy: similarity, partition, search, stitch, train) fr
 
 {_markdown_table(headers, rows)}
 
-{chr(10).join(f'- {line}' for line in _legend(record))}
+{chr(10).join(f'- {line}' for line in comparison_legend(record))}
 
 ## Limitations
 

@@ -13,7 +13,9 @@ The run directory (each stage's artifact is the one its own CLI verb writes):
 * ``eval.json``: every network above scored on the target task's test split;
 * ``MODEL_CARD.md``: the reassembled network, its blocks and where they come from, cost, accuracy, and the command
   that makes it again;
-* ``stages/NAME.json``: what each stage was run with and the hashes of what it wrote (:mod:`.ledger`).
+* ``stages/NAME.json``: what each stage was run with and the hashes of what it wrote (:mod:`.ledger`);
+* ``report.html``: all of the above as one self-contained page (:mod:`.html_report`), rewritten at the end of every
+  call, so that it shows the run as it stands.
 
 Running a recipe again skips each stage whose record matches and whose artifacts are intact; a stage whose settings
 changed, whose upstream artifact changed or whose own artifact is missing or corrupt runs again, and so does every
@@ -53,6 +55,7 @@ class RunResult:
     recipe: Recipe
     stages: list[StageOutcome] = field(default_factory=list)
     eval: dict | None = None  # eval.json, once the run has got that far
+    report: Path | None = None  # report.html, when it was written
 
     @property
     def statuses(self) -> dict[str, str]:
@@ -84,13 +87,15 @@ def run_dir_of(recipe: Recipe, out: str | Path | None) -> Path:
 
 def run_recipe(source: str | Path | dict | Recipe, out: str | Path | None = None, *, force: bool = False,
                data_root: str | None = None, progress: bool = False, echo: Callable[[str], None] = print,
-               stop_after: dict[str, int] | None = None, command: str | None = None) -> RunResult:
+               stop_after: dict[str, int] | None = None, command: str | None = None,
+               report: bool = True) -> RunResult:
     """Run every stage of the recipe ``source`` (a YAML path, a dict or a :class:`Recipe`) into ``out`` (default: the
     recipe's ``out``, else ``runs/NAME``), skipping those already done; print one line per stage with ``echo``.
 
     ``force`` runs every stage afresh. ``stop_after`` maps a stage name to a count at which to stop it early and
     return (``similarity``: probe batches, ``train-MODE``: epochs), leaving it to resume on the next call: to split a
-    long run over several sessions, and for tests. ``command`` is how the user ran it, for the model card."""
+    long run over several sessions, and for tests. ``command`` is how the user ran it, for the model card. ``report``
+    writes ``report.html`` at the end, also when the run stopped early (its missing sections say so)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ReassemblyError("reassembly run drives one process; launch the stage verbs (reassembly similarity, "
                               "train, eval) under accelerate or torchrun instead, on the run directory's files")
@@ -113,7 +118,12 @@ def run_recipe(source: str | Path | dict | Recipe, out: str | Path | None = None
                   f"# Run it again (stages already done are skipped): reassembly run {run_dir / RESOLVED}\n")
         write_text(run_dir / RESOLVED, recipe.to_yaml(header))
         pipeline = _Pipeline(recipe, run_dir, progress, stop_after or {}, command or _command(source, run_dir))
-        return pipeline.execute(force, echo)
+        result = pipeline.execute(force, echo)
+        if report:
+            from .html_report import write_html_report
+
+            result.report = write_html_report(run_dir)
+        return result
 
 
 def _command(source, run_dir: Path) -> str:
