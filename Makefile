@@ -37,6 +37,11 @@ test: setup data browser
 test-slow: setup data
 	$(BIN)/pytest -q -m slow
 
+# Every benchmark protocol behind results/ that takes minutes (benchmarks/run_all.py --list shows all of them, the
+# training-heavy ones included, with their costs; `python benchmarks/run_all.py` runs everything)
+bench: setup data
+	PYTHONPATH=src:benchmarks $(BIN)/python benchmarks/run_all.py --skip-heavy
+
 # The main job: `reassembly run --demo` reassembles a network for CIFAR-10 classes 5-9 from blocks of the shipped
 # Split-CIFAR zoo (similarity, partition, search, stitch, 3 epochs of frozen training) into runs/demo, and prints it
 # next to the zoo models within the same budget, fitted and trained the same way. Offline; a few minutes on 2 CPU

@@ -243,6 +243,12 @@ def test_eval_class_count_mismatch_suggests_a_fix_that_works(data_root, weights)
     assert_ok(invoke(*args, "--data", "cifar10"))
 
 
+def test_eval_at_an_image_size_the_model_cannot_take(data_root):
+    assert_one_line_error(invoke("eval", "--model", "vit_cifar5", "--data", "cifar10[0:5]", "--data-root", data_root,
+                                 "--image-size", "64"), 1, "vit_cifar5 does not run on 3x64x64 images",
+                          "pass --image-size 32")
+
+
 def test_info_class_count_suggestion_works(weights):
     assert_one_line_error(invoke("info", "cifar_resnet20", "--num-classes", "5", "--checkpoint", weights), 1,
                           "trained for 10 classes", "--num-classes 10")
@@ -691,10 +697,16 @@ def _writers(tmp_path: Path, nets: Path, out: Path) -> dict[str, list]:
         "run": ["run", recipe, "--out", out],
         "partition": ["partition", SPLIT_CIFAR, "--out", out / "p.json"],
         "search": ["search", SPLIT_CIFAR, "--data", "digits", "--params", "0.5M", "--out", out / "s.json"],
+        "nas search": ["nas", "search", "--data", "digits", "--epochs", "1", "--cells", "3", "--channels", "4",
+                       "--subset", "32", "--batch-size", "8", "--out", out],
+        "nas train": ["nas", "train", "DARTS_V2", "--data", "digits", "--epochs", "1", "--cells", "3", "--channels",
+                      "4", "--subset", "32", "--batch-size", "8", "--out", out],
+        "zoo train": ["zoo", "train", "resnet20_cifar5", "--epochs", "1", "--no-ship", "--out", out],
     }
 
 
-@pytest.mark.parametrize("verb", ["stitch", "train", "similarity", "run", "partition", "search"])
+@pytest.mark.parametrize("verb", ["stitch", "train", "similarity", "run", "partition", "search", "nas search",
+                                  "nas train", "zoo train"])
 def test_an_output_under_a_file_is_refused_before_any_work(tmp_path, nets, verb):
     (tmp_path / "FILE").write_text("not a folder")
     out = tmp_path / "FILE" / "out"
@@ -714,7 +726,7 @@ def _disk_full(monkeypatch):
     monkeypatch.setattr(reassembly.io.os, "replace", full)  # os.replace itself: every atomic write fails
 
 
-@pytest.mark.parametrize("verb", ["stitch", "train", "similarity", "run"])
+@pytest.mark.parametrize("verb", ["stitch", "train", "similarity", "run", "nas search", "nas train"])
 def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path, nets, monkeypatch, verb):
     out = tmp_path / "out"
     args = _writers(tmp_path, nets, out)[verb]

@@ -351,6 +351,20 @@ def check_input_channels(model_name: str, model, channels: int, given: str, fix:
                               f"pass {fix}")
 
 
+def check_input_size(model_name: str, model, size, fix: str | None) -> None:
+    """Run one blank image of ``size`` through the model, so that a size it cannot take (a ViT's fixed position
+    embedding, a flatten into a fixed linear layer) is one line naming the size, not a traceback mid-evaluation."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *size))
+    except (RuntimeError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ReassemblyError(f"{model_name} does not run on {'x'.join(map(str, size))} images ({reason})"
+                              + (f": pass {fix}" if fix else "")) from None
+
+
 @cli.command()
 @click.argument("model_name", metavar="MODEL")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="Weights to load first.")
@@ -502,6 +516,7 @@ def eval_cmd(model_name, checkpoint, pretrained, random_weights, data_spec, spli
     size = _default_input_size(model_name, model) if not model_name.startswith("timm:") else None
     fix = f"--channels {size[0]} --image-size {size[1]}" if size else f"--channels {input_channels(model)}"
     check_input_channels(model_name, model, dataset.image_size[0], f"{dataset.name}", fix)
+    check_input_size(model_name, model, dataset.image_size, f"--image-size {size[1]} (its own)" if size else None)
     mean, std = normalization_of(model, metadata)
     processes = join_processes()
     result = evaluate(model, dataset, mean, std, batch_size=batch_size, device=processes.device,
