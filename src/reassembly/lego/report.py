@@ -25,6 +25,7 @@ from .locate import ComponentMasks
 
 SHARED = (1.0, 0.55, 0.0)  # orange, as in the paper's route figures
 UNUSED = (0.86, 0.86, 0.86)
+ONE_CLASS = (0.35, 0.35, 0.35)  # in the share panel: used by exactly one class (whichever)
 
 
 def _class_colours(n: int) -> list[tuple[float, float, float]]:
@@ -74,13 +75,16 @@ def draw_routes(masks: ComponentMasks, path, *, class_names=None, title: str | N
     top.set_xlim(-0.6, len(names) - 0.4)
     top.set_ylim(0, 1)
     top.set_ylabel("input channel (position in the layer)")
-    top.set_title(title or f"decision routes of classes {masks.classes}: the input channels each class relies on")
+    import textwrap
+
+    title = title or f"decision routes of classes {masks.classes}: the input channels each class relies on"
+    top.set_title("\n".join(textwrap.wrap(title, int(9 * width))), fontsize=10)
     legend = [Patch(color=colours[k], label=labels[k]) for k in range(len(labels))]
     legend += [Patch(color=SHARED, label="shared (2+ classes)"), Patch(color=UNUSED, label="unused")]
     top.legend(handles=legend, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
     x = np.arange(len(names))
     bottom.bar(x, shares[:, 0], color=SHARED, width=0.84)
-    bottom.bar(x, shares[:, 1], bottom=shares[:, 0], color="tab:blue", width=0.84, label="one class")
+    bottom.bar(x, shares[:, 1], bottom=shares[:, 0], color=ONE_CLASS, width=0.84, label="one class only")
     bottom.bar(x, shares[:, 2], bottom=shares[:, 0] + shares[:, 1], color=UNUSED, width=0.84)
     bottom.set_ylim(0, 1)
     bottom.set_ylabel("share")
