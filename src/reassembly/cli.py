@@ -777,7 +777,7 @@ def disassemble_cmd(model_name, checkpoint, classes, data_spec, out_dir, per_cla
         raise click.UsageError(f"{model_name} has no trained weights to disassemble: give --checkpoint FILE or name a "
                                "shipped model (`reassembly zoo list`)")
     model = build_model(model_name, checkpoint=checkpoint)
-    if getattr(model, "reassembly_component", None) is not None or hasattr(model, "structure"):
+    if hasattr(model, "reassembly_input_size") or hasattr(model, "structure"):
         raise click.UsageError(f"{model_name} is a saved network or component; disassemble the trained model it came "
                                "from")
     size = _default_input_size(model_name, model)
