@@ -1,10 +1,12 @@
 """Extracted MDA components vs their source models (issue 11): accuracy on the chosen classes, params, MACs.
 
 For each model (trained on all of CIFAR-10) and the class set: select ``--per-class`` correctly classified training
-images per chosen class (the most confident, from the first ``--pool`` training images of each class), compute
-contributions, locate the component at the official thresholds (conv 0.3/0.2, linear 0.4/0.3) and at the milder
-conv 0.1/0.0, physically extract it (``reassembly.lego.extract``) and evaluate it on every CIFAR-10 test image of
-those classes. The original is scored with the argmax over the chosen classes' logits only ("restricted": the same
+images per chosen class (the most confident, from a seeded draw of ``--pool`` training images of each class), compute
+contributions, locate the component at the official thresholds (conv 0.3/0.2, linear 0.4/0.3), at the milder
+conv 0.1/0.0, and at the thresholds ``reassembly.lego.calibrate_thresholds`` picks (the fewest parameters over its
+grid whose accuracy on ``--held-out`` other training images per class, never test images, is at least the
+original's on the same images), physically extract it (``reassembly.lego.extract``) and evaluate it on every
+CIFAR-10 test image of those classes. The original is scored with the argmax over the chosen classes' logits only ("restricted": the same
 decision the component's head makes) and, for reference, over all logits. Params count every parameter; MACs count
 conv/linear multiply-accumulates for one 32x32 image. ``mask_vs_component`` is the largest logit difference
 between the component and the full model with the dropped input channels zeroed (must be ~0: extraction = masking).
@@ -28,6 +30,7 @@ import torch
 import reassembly as ra
 from reassembly.data import Preprocess
 from reassembly.lego import accumulate_contributions, select_samples
+from reassembly.lego.calibrate import calibrate_thresholds, held_out_indices
 from reassembly.lego.extract import (
     count_params_macs,
     extract_component,
@@ -38,15 +41,15 @@ from reassembly.lego.locate import locate_component
 from reassembly.train.evaluate import resolve_normalization
 
 sys.path.insert(0, str(Path(__file__).parent))
-from lego_check import masked_logits
 from common import write_report
+from lego_check import masked_logits
 
 MODELS = {
     "cifar_resnet20": {"checkpoint": "../shared/models/akamaster-cifar10-resnet/resnet20-12fca82f.th"},
     "vgg16_cifar10": {"pretrained": True},
     "mobilenetv2_cifar10": {"pretrained": True},
 }
-SETTINGS = {"official": ({}, {}), "conv 0.1/0.0": ({"conv": 0.1}, {"conv": 0.0})}
+SETTINGS = {"official": ({}, {}), "conv 0.1/0.0": ({"conv": 0.1}, {"conv": 0.0}), "calibrated": None}
 
 
 @torch.no_grad()
@@ -54,8 +57,18 @@ def logits_of(model, x, batch_size=500):
     return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
-def run_model(name, classes, per_class, pool, train_pool, test) -> list[dict]:
+def pool_indices(train, per_class: int, seed: int = 0):
+    """The images ``load_dataset(..., max_per_class=per_class, seed=seed)`` keeps, as indices into the whole split."""
+    import numpy as np
+
+    labels, rng = train.labels.numpy(), np.random.default_rng(seed)
+    return np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class]
+                                   for c in range(train.num_classes)]))
+
+
+def run_model(name, classes, per_class, pool, train, pool_index, held_out, test) -> list[dict]:
     t0 = time.perf_counter()
+    train_pool = train.subset(pool_index)
     model = ra.create_model(name, **MODELS[name]).eval()
     mean, std = resolve_normalization(model, None, None)
     chosen = select_samples(model, train_pool, per_class, classes=classes)
@@ -74,10 +87,17 @@ def run_model(name, classes, per_class, pool, train_pool, test) -> list[dict]:
         "original_params": params, "original_macs": macs,
     }
     out = []
-    for setting, (alpha, beta) in SETTINGS.items():
+    for setting, thresholds in SETTINGS.items():
         t1 = time.perf_counter()
-        masks = locate_component(model, contrib, classes, input_size=tuple(test.image_size), alpha=alpha, beta=beta,
-                                 model_name=name)
+        calibration = None
+        if thresholds is None:  # held out: training images of the classes outside the pool (never test images)
+            rest = held_out_indices(train, classes, pool_index, held_out, seed=0)
+            calibration = calibrate_thresholds(model, contrib, classes, train.subset(rest),
+                                               input_size=tuple(test.image_size), model_name=name)
+            masks = calibration.masks
+        else:
+            masks = locate_component(model, contrib, classes, input_size=tuple(test.image_size), alpha=thresholds[0],
+                                     beta=thresholds[1], model_name=name)
         component = extract_component(model, masks)
         t_extract = time.perf_counter() - t1
         got = logits_of(component, x)
@@ -92,7 +112,8 @@ def run_model(name, classes, per_class, pool, train_pool, test) -> list[dict]:
                     "component_params": c_params, "component_macs": c_macs,
                     "params_ratio": round(c_params / params, 3), "macs_ratio": round(c_macs / macs, 3),
                     "mask_vs_component": float((got - masked).abs().max()), "reload_equal": reload_equal,
-                    "seconds_locate_extract": round(t_extract, 1), "seconds_model": round(time.perf_counter() - t0, 1)})
+                    "seconds_locate_extract": round(t_extract, 1), "seconds_model": round(time.perf_counter() - t0, 1),
+                    "calibration": calibration.to_dict() if calibration else None})
         print(out[-1], flush=True)
     return out
 
@@ -101,20 +122,38 @@ def markdown(record) -> str:
     lines = [
         "# MDA components extracted (issue 11)", "",
         f"Command: `{record['command']}`  ", f"Machine: {record['machine']}", "",
-        (f"Classes {record['classes']}, {record['per_class']} training samples per class (most confident correct of "
-         f"the first {record['pool']} per class), {record['rows'][0]['test_images']} test images. Accuracy: argmax "
-         "over the chosen classes' logits (original) / the component's head."), "",
+        (f"Classes {record['classes']}, {record['per_class']} training samples per class (the most confident correct "
+         f"ones of a seeded draw of {record['pool']} training images per class, seed 0), "
+         f"{record['rows'][0]['test_images']} test images. Accuracy: argmax over the chosen classes' logits "
+         "(original) / the component's head. Params: all parameters; MACs: conv/linear at 32x32."), "",
         ("| model | thresholds | original (all 10) | original (3-class) | component | >= original? | params | MACs | "
          "mask = component (max abs diff) | reload equal |"),
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in record["rows"]:
         ok = "yes" if r["component"] >= r["original_restricted"] else "**no**"
+        setting = r["setting"]
+        if r.get("calibration"):
+            a, b = r["alpha"], r["beta"]
+            setting += f" (conv {a['conv']}/{b['conv']}, linear {a['linear']}/{b['linear']})"
         lines.append(
-            f"| {r['model']} | {r['setting']} | {r['original_all_logits']} | {r['original_restricted']} | "
+            f"| {r['model']} | {setting} | {r['original_all_logits']} | {r['original_restricted']} | "
             f"{r['component']} | {ok} | {r['component_params'] / 1e6:.3f} M / {r['original_params'] / 1e6:.3f} M "
             f"({100 * r['params_ratio']:.1f} %) | {r['component_macs'] / 1e6:.1f} M / {r['original_macs'] / 1e6:.1f} M "
             f"({100 * r['macs_ratio']:.1f} %) | {r['mask_vs_component']:.1e} | {r['reload_equal']} |")
+    lines += ["", ("Calibration (`reassembly.lego.calibrate_thresholds`): held-out training images of the chosen classes "
+                   "(not among the contribution samples, not test images); the original's accuracy on them (argmax "
+                   "over the chosen classes) is the target; grid points are tried from the fewest parameters up "
+                   "until one reaches it:"), "",
+              ("| model | held-out images | original (held-out) | chosen: component (held-out) | target met | "
+               "grid points evaluated |"), "|---|---|---|---|---|---|"]
+    for r in record["rows"]:
+        cal = r.get("calibration")
+        if cal:
+            evaluated = sum(t["accuracy"] is not None and t["same_as"] is None for t in cal["tried"])
+            lines.append(f"| {r['model']} | {cal['held_out_images']} | {cal['original_accuracy']} | "
+                         f"{cal['tried'][cal['chosen']]['accuracy']} | {'yes' if cal['met'] else '**no**'} | "
+                         f"{evaluated} of {len(cal['tried'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -124,20 +163,24 @@ def main(argv=None):
     ap.add_argument("--classes", default="0,1,2")
     ap.add_argument("--per-class", type=int, default=50)
     ap.add_argument("--pool", type=int, default=300, help="training images per class to select from")
+    ap.add_argument("--held-out", type=int, default=500,
+                    help="training images per class outside the pool that calibrate the thresholds")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None, help="directory for results.json + report.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     classes = [int(c) for c in args.classes.split(",")]
-    train = ra.load_dataset("cifar10", "train", max_per_class=args.pool)
+    train = ra.load_dataset("cifar10", "train")
+    pool_index = pool_indices(train, args.pool)  # = load_dataset(..., max_per_class=pool), as indices
     test = ra.load_dataset("cifar10", "test")
     rows = []
     for name in args.models.split(","):
-        rows += run_model(name, classes, args.per_class, args.pool, train, test)
+        rows += run_model(name, classes, args.per_class, args.pool, train, pool_index, args.held_out, test)
     record = {"command": "PYTHONPATH=src python benchmarks/lego_components.py " + " ".join(argv or sys.argv[1:]),
               "machine": f"shared 2-core CPU ({platform.processor() or platform.machine()}), torch "
                          f"{torch.__version__}, {args.threads} thread(s), other jobs running",
-              "classes": classes, "per_class": args.per_class, "pool": args.pool, "rows": rows}
+              "classes": classes, "per_class": args.per_class, "pool": args.pool, "held_out": args.held_out,
+              "seeds": {"pool_draw": 0, "held_out_draw": 0}, "rows": rows}
     write_report(args.out, record, markdown(record))
 
 

@@ -91,7 +91,7 @@ def assert_one_line_error(result, code: int, *needles: str) -> str:
 
 def _progress_or_note(line: str) -> bool:
     """A decoding progress bar (first use of a dataset) or a note; neither is the error."""
-    return line.startswith("note: ") or line.startswith("decoding ")
+    return line.startswith(("note: ", "decoding "))
 
 
 def assert_ok(result):
@@ -764,3 +764,221 @@ def test_a_recipe_out_under_a_file_is_one_line(tmp_path):
     assert_one_line_error(invoke("run", recipe), 1, "cannot be created", f"{tmp_path / 'FILE'} is a file, not a folder",
                           "--out")
     assert (tmp_path / "FILE").read_text() == "not a folder"
+
+
+# --- Model LEGO (`reassembly disassemble | assemble`): bad classes, models it cannot cut, clashing components ----------
+
+LEGO_TRAIN, LEGO_TEST = 8, 3  # images per class of the tiny template dataset
+
+
+def _template_images(per_class: int, seed: int) -> tuple[list[bytes], np.ndarray]:
+    """JPEGs of 10 classes, each a fixed colour layout (left/right halves) plus noise, and their decoded pixels."""
+    from PIL import Image
+
+    palette = np.random.default_rng(123).integers(0, 256, (10, 2, 3))
+    rng = np.random.default_rng(seed)
+    jpegs, pixels = [], []
+    for c in range(10):
+        for _ in range(per_class):
+            image = np.zeros((32, 32, 3))
+            image[:, :16], image[:, 16:] = palette[c, 0], palette[c, 1]
+            image = np.clip(image + rng.normal(0, 12, image.shape), 0, 255).astype(np.uint8)
+            buffer = io.BytesIO()
+            Image.fromarray(image).save(buffer, format="JPEG")
+            jpegs.append(buffer.getvalue())
+            pixels.append(np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")))
+    return jpegs, np.stack(pixels)
+
+
+def _tiny_cnn(num_classes: int = 10, pad_shortcut: bool = False):
+    import torch.nn.functional as F
+    from torch import nn
+
+    class MyPad(nn.Module):  # an option-A shortcut the zoo does not know: channel zero-padding by hand
+        def forward(self, x):
+            return F.pad(x, (0, 0, 0, 0, 4, 4))
+
+    class TinyCNN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                                          nn.Conv2d(8, 16, 3, 1, 1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2))
+            self.shortcut = MyPad() if pad_shortcut else None
+            self.conv = nn.Conv2d(24 if pad_shortcut else 16, 16, 3, 1, 1)
+            self.head = nn.Linear(16, num_classes)
+
+        def forward(self, x):
+            x = self.features(x)
+            if self.shortcut is not None:
+                x = self.shortcut(x)
+            return self.head(F.relu(self.conv(x)).mean((2, 3)))
+
+    return TinyCNN()
+
+
+@pytest.fixture(scope="module")
+def lego(tmp_path_factory):
+    """A data root with a tiny template CIFAR-10 (train and test), two registered test architectures and trained
+    weights for the plain one (every train and test image right); unregistered again afterwards."""
+    from reassembly import save_checkpoint
+    from reassembly.data import normalize
+    from reassembly.data.sources import CIFAR10_CLASSES
+    from reassembly.zoo.registry import _REGISTRY, register_model
+
+    root = tmp_path_factory.mktemp("lego")
+    train_jpegs, train_pixels = _template_images(LEGO_TRAIN, 0)
+    test_jpegs, test_pixels = _template_images(LEGO_TEST, 1)
+    with zipfile.ZipFile(root / "cifar10-jpg.zip", "w") as archive:
+        for split, jpegs, per in (("train", train_jpegs, LEGO_TRAIN), ("test", test_jpegs, LEGO_TEST)):
+            for k, data in enumerate(jpegs):
+                archive.writestr(f"{split}/{CIFAR10_CLASSES[k // per]}/{k:04d}.jpg", data)
+
+    def lego_tiny_cnn(num_classes: int = 10):
+        """A 3-conv test CNN."""
+        return _tiny_cnn(num_classes)
+
+    def lego_tiny_padded(num_classes: int = 10):
+        """A test CNN with a hand-written channel-padding shortcut."""
+        return _tiny_cnn(num_classes, pad_shortcut=True)
+
+    for fn in (lego_tiny_cnn, lego_tiny_padded):
+        register_model(family="test")(fn)
+    try:
+        from reassembly import create_model
+
+        torch.manual_seed(0)
+        model = create_model("lego_tiny_cnn")
+        mean, std = model.input_normalization["mean"], model.input_normalization["std"]
+        x = normalize(torch.from_numpy(train_pixels).permute(0, 3, 1, 2), mean, std)
+        y = torch.arange(10).repeat_interleave(LEGO_TRAIN)
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
+        for _ in range(150):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model.train()(x), y).backward()
+            optimizer.step()
+        model.eval()
+        with torch.no_grad():
+            xt = normalize(torch.from_numpy(test_pixels).permute(0, 3, 1, 2), mean, std)
+            assert (model(x).argmax(1) == y).all()
+            assert (model(xt).argmax(1) == torch.arange(10).repeat_interleave(LEGO_TEST)).all()
+        save_checkpoint(model, root / "tiny.safetensors")
+        save_checkpoint(create_model("lego_tiny_padded"), root / "padded.safetensors")
+        yield root
+    finally:
+        for name in ("lego_tiny_cnn", "lego_tiny_padded"):
+            _REGISTRY.pop(name, None)
+
+
+def _written(folder: Path) -> list[str]:
+    """What a command left in ``folder``, temporary folders included, the test's decode cache not."""
+    return [name for name in files_in(folder) if name != "cache"]
+
+
+def _disassemble(lego, out, classes, *extra):
+    return invoke("disassemble", "lego_tiny_cnn", "--checkpoint", lego / "tiny.safetensors", "--classes", classes,
+                  "--data", "cifar10", "--data-root", lego, "--per-class", "4", "--out", out, *extra)
+
+
+@pytest.fixture(scope="module")
+def lego_parts(lego, tmp_path_factory):
+    """Components of the tiny CNN for classes 0,1,2 (calibrated thresholds), 3,4 and 2,5 (the paper's)."""
+    root = tmp_path_factory.mktemp("parts")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("REASSEMBLY_CACHE", str(root / "cache"))  # not the user's cache
+        for name, classes, extra in (("a", "0,1,2", ["--calibrate", "--held-out", "4"]), ("b", "3,4", []),
+                                     ("c", "2,5", [])):
+            result = _disassemble(lego, root / name, classes, *extra)
+            assert result.exit_code == 0, result.output
+    return root
+
+
+def test_disassemble_then_assemble_then_eval(lego, lego_parts, tmp_path):
+    a = lego_parts / "a"
+    assert sorted(p.name for p in a.iterdir()) == ["component.json", "component.safetensors", "report.json",
+                                                   "report.md", "routes.png"]
+    report = json.loads((a / "report.json").read_text())
+    assert report["classes"] == [0, 1, 2] and report["calibration"]["held_out_images"] == 12
+    assert [r["images"] for r in report["accuracy"]["per_class"]] == [LEGO_TEST] * 3
+    assert_ok(invoke("eval", "--model", a, "--data", "cifar10[0,1,2]", "--data-root", lego))
+    for merge, scale in (("parallel", ["--scale"]), ("block-diagonal", [])):
+        out = tmp_path / merge
+        result = assert_ok(invoke("assemble", a, lego_parts / "b", "--merge", merge, *scale, "--data-root", lego,
+                                  "--out", out))
+        assert "cifar10[0,1,2,3,4]" in result.stdout
+        assert files_in(out) == ["assembly.json", "assembly.safetensors", "report.json"]
+        result = assert_ok(invoke("eval", "--model", out, "--data", "cifar10[0:5]", "--data-root", lego,
+                                  "--json", tmp_path / f"{merge}.json"))
+        assert json.loads((tmp_path / f"{merge}.json").read_text())["images"] == 5 * LEGO_TEST
+    wrong = invoke("eval", "--model", tmp_path / "parallel", "--data", "cifar10[0:6]", "--data-root", lego)
+    assert_one_line_error(wrong, 2, "an assembly for classes [0, 1, 2, 3, 4]", "cifar10[0,1,2,3,4]")
+
+
+@pytest.mark.parametrize("classes, code, needles", [
+    ("0,10", 1, ["class 10 does not exist", "lego_tiny_cnn has 10 classes (0..9)"]),
+    ("", 2, ["'--classes'", "the class list is empty"]),
+    (" , ", 2, ["the class list is empty"]),
+    ("0,a", 2, ["not a comma-separated list of class indices"]),
+    ("1,1", 2, ["distinct, non-negative"]),
+    ("-1,2", 2, ["distinct, non-negative"]),
+], ids=["out-of-range", "empty", "blank", "not-a-number", "repeated", "negative"])
+def test_disassemble_classes_that_do_not_exist(lego, tmp_path, classes, code, needles):
+    assert_one_line_error(_disassemble(lego, tmp_path / "comp", classes), code, *needles)
+    assert _written(tmp_path) == []
+
+
+@pytest.mark.parametrize("model, needles", [
+    ("lego_tiny_padded", ["cannot extract through the channel padding in shortcut", "Torch-Pruning does not see it"]),
+    ("vit_cifar5", ["channel graph cannot follow", "vit.py", "flatten"]),
+], ids=["channel-padding", "vision-transformer"])
+def test_disassemble_a_model_it_cannot_cut_names_the_layer(lego, tmp_path, model, needles):
+    weights = ["--checkpoint", lego / "padded.safetensors"] if model == "lego_tiny_padded" else []
+    result = invoke("disassemble", model, *weights, "--classes", "0,1", "--data", "cifar10", "--data-root", lego,
+                    "--out", tmp_path / "comp")
+    assert_one_line_error(result, 1, *needles)
+    assert _written(tmp_path) == []
+
+
+def test_disassemble_needs_trained_weights(lego, tmp_path):
+    result = invoke("disassemble", "cifar_resnet20", "--classes", "0,1", "--data", "cifar10", "--out", tmp_path / "c")
+    assert_one_line_error(result, 2, "no trained weights to disassemble", "--checkpoint")
+
+
+def _bad_size(lego_parts, tmp_path):
+    import shutil
+
+    bad = tmp_path / "small"
+    shutil.copytree(lego_parts / "b", bad)
+    meta = json.loads((bad / "component.json").read_text())
+    meta["record"]["input_size"] = [3, 16, 16]  # the tiny CNN pools globally, so it still rebuilds
+    (bad / "component.json").write_text(json.dumps(meta))
+    return bad
+
+
+@pytest.mark.parametrize("case, code, needles", [
+    ("clash", 1, ["class 2 of cifar10 is in component 1 and component 2", "one component only"]),
+    ("size", 1, ["different input sizes", "component 1: 3x32x32", "component 2: 3x16x16"]),
+    ("one", 2, ["at least two component folders"]),
+    ("not-a-component", 1, ["holds no component", "reassembly disassemble"]),
+    ("data-without-scale", 2, ["--data only says which data scales the heads"]),
+], ids=["clashing-classes", "input-sizes", "one-component", "not-a-component", "data-without-scale"])
+def test_bad_assemblies(lego, lego_parts, tmp_path, case, code, needles):
+    args = {"clash": [lego_parts / "a", lego_parts / "c"],
+            "size": [lego_parts / "a", _bad_size(lego_parts, tmp_path) if case == "size" else None],
+            "one": [lego_parts / "a"], "not-a-component": [lego_parts / "a", tmp_path],
+            "data-without-scale": [lego_parts / "a", lego_parts / "b", "--data", "cifar10"]}[case]
+    out = tmp_path / "out"
+    assert_one_line_error(invoke("assemble", *args, "--out", out, "--data-root", lego), code, *needles)
+    assert not out.exists()
+
+
+def test_disassemble_and_assemble_leave_nothing_half_written(lego, lego_parts, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert_one_line_error(_disassemble(lego, out, "0,1"), 1, "already exists and is not empty", "--overwrite")
+    assert files_in(out) == ["keep.txt"]
+    _disk_full(monkeypatch)
+    for result in (_disassemble(lego, tmp_path / "comp", "0,1"),
+                   invoke("assemble", lego_parts / "a", lego_parts / "b", "--out", tmp_path / "asm")):
+        assert_one_line_error(result, 1, "No space left on device")
+    assert _written(tmp_path) == ["out"] and files_in(out) == ["keep.txt"]

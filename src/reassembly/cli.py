@@ -127,10 +127,10 @@ def build_model(name: str, num_classes=None, checkpoint=None, pretrained=False):
         if pretrained or checkpoint or num_classes:
             raise click.UsageError(f"{name} is a saved network with its own weights and classes; drop --pretrained, "
                                    "--checkpoint and --num-classes")
-        if (Path(name) / "component.json").is_file():  # an extracted MDA component (reassembly.lego.extract)
-            from .lego.extract import load_component
+        if (Path(name) / "component.json").is_file() or (Path(name) / "assembly.json").is_file():
+            from .lego import load_lego  # an MDA component or assembly (`reassembly disassemble|assemble`)
 
-            return load_component(name)
+            return load_lego(name)
         from .stitch.io import load_net
 
         return load_net(name)
@@ -167,6 +167,8 @@ def cli(debug):
       reassembly zoo list --archs          every architecture, with parameters and MACs
       reassembly info cifar_resnet20       parameters, MACs and a layer table
       reassembly eval --model cifar_resnet20 --checkpoint W.th --data cifar10
+      reassembly disassemble vgg16_cifar10 --classes 0,1,2 --data cifar10 --out comp
+                                           Model LEGO: the component of a model for some classes
 
     Datasets are looked up under --data-root, else $REASSEMBLY_DATA, else ../shared/data beside the
     checkout, else ~/.cache/reassembly/data. Set REASSEMBLY_DEBUG=1 (or pass --debug) to see tracebacks.
@@ -322,9 +324,9 @@ def _default_input_size(model_name: str, model=None) -> tuple[int, int, int]:
     structure = getattr(model, "structure", None)
     if structure is not None and hasattr(structure, "input_size"):  # a saved network
         return tuple(structure.input_size)
-    component = getattr(model, "reassembly_component", None)
-    if component is not None:  # an extracted MDA component
-        return tuple(component["record"]["input_size"])
+    lego = getattr(model, "reassembly_input_size", None)
+    if lego is not None:  # an MDA component or assembly
+        return tuple(lego)
     if model_name.startswith("timm:"):
         cfg = getattr(model, "pretrained_cfg", None) or {}
         return tuple(cfg.get("input_size", (3, 224, 224)))
@@ -334,7 +336,7 @@ def _default_input_size(model_name: str, model=None) -> tuple[int, int, int]:
 
 def input_channels(model) -> int | None:
     """The channels the model's first convolution takes (None when it starts otherwise)."""
-    import torch.nn as nn
+    from torch import nn
 
     for module in model.modules():
         if isinstance(module, nn.modules.conv._ConvNd):
@@ -462,17 +464,21 @@ def eval_cmd(model_name, checkpoint, pretrained, random_weights, data_spec, spli
             raise click.UsageError(f"{model_name} is a saved network with its own weights; drop --pretrained, "
                                    "--checkpoint and --random-weights")
         network = build_model(model_name)
-        component = getattr(network, "reassembly_component", None)
-        if component is not None:  # its logits are the record's classes, in the record's order
+        if hasattr(network, "reassembly_input_size"):  # an MDA component or assembly: logits = its classes, in order
             from .data import DatasetSpec
 
-            wanted = component["record"]["classes"]
+            wanted = network.reassembly_classes
             spec = DatasetSpec.parse(data_spec)
+            if wanted is None:
+                raise click.UsageError(f"{model_name} joins classes of several datasets "
+                                       f"({', '.join(network.reassembly_assembly['classes'])}); no one dataset spec "
+                                       "holds them (evaluate it from Python)")
             if spec.classes is None or list(spec.classes) != wanted:
+                kind = "an assembly" if hasattr(network, "reassembly_assembly") else "a component"
                 raise click.UsageError(
-                    f"{model_name} is a component for classes {wanted} (its logits in that order): evaluate it on "
+                    f"{model_name} is {kind} for classes {wanted} (its logits in that order): evaluate it on "
                     f"'{spec.name}[{','.join(str(c) for c in wanted)}]'")
-            size = component["record"]["input_size"]
+            size = network.reassembly_input_size
         else:
             size = network.structure.input_size
         image_size, channels = image_size or size[1], channels or size[0]
@@ -702,6 +708,199 @@ def stitch_cmd(blocks, choice, data_spec, out_dir, init, probe_size, max_per_cla
                    f"(relative residual: {residuals})")
     click.echo(f"wrote {Path(out_dir) / 'structure.json'} and {Path(out_dir) / 'model.safetensors'} "
                f"in {result['seconds']:.1f} s")
+
+
+class ClassList(click.ParamType):
+    """Comma-separated class indices, e.g. 0,1,2 (non-empty, distinct, non-negative)."""
+
+    name = "CLASSES"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        parts = [p.strip() for p in str(value).split(",")]
+        if not any(parts):
+            self.fail("the class list is empty; name at least one class, e.g. 0,1,2", param, ctx)
+        try:
+            classes = [int(p) for p in parts]
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of class indices (e.g. 0,1,2)", param, ctx)
+        if min(classes) < 0 or len(set(classes)) != len(classes):
+            self.fail(f"{value!r} must name distinct, non-negative class indices", param, ctx)
+        return classes
+
+
+UNIT = click.FloatRange(0, 1, max_open=True)
+
+
+@cli.command("disassemble")
+@click.argument("model_name", metavar="MODEL")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
+              help="Weights of an architecture: .safetensors, or a torch file readable with weights_only=True.")
+@click.option("--classes", required=True, type=ClassList(), help="The classes the component keeps, e.g. 0,1,2 (its "
+                                                                 "logits come in this order).")
+@click.option("--data", "data_spec", required=True,
+              help="The dataset the model was trained on, all of its classes (e.g. cifar10); its training split gives "
+                   "the samples.")
+@click.option("--out", "out_dir", required=True, type=OutputDir(), help="Component folder to write.")
+@click.option("--per-class", type=POSITIVE, default=50, show_default=True,
+              help="Most confident correctly classified training images per class behind the contributions.")
+@click.option("--max-per-class", type=POSITIVE, default=None,
+              help="Read only a seeded draw of this many training images per class (faster; default: all).")
+@click.option("--calibrate", is_flag=True,
+              help="Choose alpha/beta on held-out training images: the fewest parameters over a grid whose component "
+                   "is at least as accurate as the original there (instead of the paper's thresholds).")
+@click.option("--held-out", type=POSITIVE, default=500, show_default=True,
+              help="With --calibrate: training images per class, not among the samples, that judge the thresholds.")
+@click.option("--tolerance", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="With --calibrate: accuracy points the component may lose on the held-out images.")
+@click.option("--alpha-conv", type=UNIT, default=None, help="alpha for conv layers' inputs (paper: 0.3).")
+@click.option("--beta-conv", type=UNIT, default=None, help="beta for conv layers' inputs (paper: 0.2).")
+@click.option("--alpha-linear", type=UNIT, default=None, help="alpha for linear layers' inputs (paper: 0.4).")
+@click.option("--beta-linear", type=UNIT, default=None, help="beta for linear layers' inputs (paper: 0.3).")
+@click.option("--eval/--no-eval", "evaluate", default=True, show_default=True,
+              help="Score the component and the original per class on the test split for report.md.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the --max-per-class and held-out draws.")
+@click.option("--overwrite", is_flag=True, help="Replace a folder --out that already holds something.")
+@click.option("--threads", type=POSITIVE, default=None, help="torch CPU threads (default: torch's choice).")
+@click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Folder holding the datasets.")
+def disassemble_cmd(model_name, checkpoint, classes, data_spec, out_dir, per_class, max_per_class, calibrate,
+                    held_out, tolerance, alpha_conv, beta_conv, alpha_linear, beta_linear, evaluate, seed, overwrite,
+                    threads, data_root):
+    """Model LEGO: cut the component for some classes out of a trained CNN, without training.
+
+    The most confident correctly classified training images of each class give every conv/linear layer's
+    relative contributions; thresholds on them (alpha, beta) keep the channels the classes rely on, followed
+    through residual additions, depthwise convs and flattening; Torch-Pruning removes the rest. The component
+    is a smaller plain model whose head has exactly --classes. OUT gets component.safetensors + component.json,
+    routes.png (which channels each class uses, layer by layer) and report.md / report.json (parameters, MACs,
+    accuracy per class against the original on the test split).
+
+    \b
+    reassembly disassemble vgg16_cifar10 --classes 0,1,2 --data cifar10 --out runs/vgg-012
+    reassembly disassemble cifar_resnet20 --checkpoint resnet20.th --classes 0,1,2 --data cifar10 \\
+        --calibrate --out runs/r20-012
+    reassembly eval --model runs/vgg-012 --data 'cifar10[0,1,2]'
+    reassembly assemble runs/r20-012 runs/vgg-345 --scale --out runs/six
+
+    The paper's thresholds remove a lot and can cost accuracy (docs/lego.md); --calibrate picks them on
+    held-out training images (never test images).
+    """
+    from .data import load_dataset
+    from .lego.stage import check_classes, check_disassemblable, disassemble, thresholds, write_component
+
+    if calibrate and any(v is not None for v in (alpha_conv, beta_conv, alpha_linear, beta_linear)):
+        raise click.UsageError("give either --calibrate or explicit --alpha-*/--beta-* thresholds, not both")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    alpha, beta = thresholds(alpha_conv, beta_conv, alpha_linear, beta_linear)
+    if checkpoint is None and not Path(model_name).is_dir() and not is_shipped(model_name):
+        from .zoo import model_info
+
+        if not model_name.startswith("timm:"):
+            model_info(model_name)  # an unknown name is said (with the closest names) first
+        raise click.UsageError(f"{model_name} has no trained weights to disassemble: give --checkpoint FILE or name a "
+                               "shipped model (`reassembly zoo list`)")
+    model = build_model(model_name, checkpoint=checkpoint)
+    if hasattr(model, "reassembly_input_size") or hasattr(model, "structure"):
+        raise click.UsageError(f"{model_name} is a saved network or component; disassemble the trained model it came "
+                               "from")
+    size = _default_input_size(model_name, model)
+    check_classes(classes, check_disassemblable(model, size, model_name), model_name)  # before any data is read
+    train = load_dataset(data_spec, "train", root=data_root, image_size=size[1], channels=size[0],
+                         max_per_class=max_per_class, seed=seed)
+    result = disassemble(model, train, classes, per_class=per_class, alpha=alpha, beta=beta, calibrate=calibrate,
+                         held_out=held_out, tolerance=tolerance, seed=seed, input_size=size, model_name=model_name,
+                         dataset=train.name)
+    test = load_dataset(data_spec, "test", root=data_root, image_size=size[1], channels=size[0]) if evaluate else None
+    info = {"model": model_name, "checkpoint": checkpoint, "data": train.name, "train_images": len(train),
+            "seed": seed}
+    report = write_component(result, model, out_dir, test=test, overwrite=overwrite, class_names=train.classes,
+                             info=info)
+    p, m = report["params"], report["macs"]
+    click.echo(f"component of {model_name} for classes {report['classes']}: {p['component']:,} parameters "
+               f"({100 * p['ratio']:.1f} % of {p['original']:,}), {m['component']:,} MACs ({100 * m['ratio']:.1f} %)")
+    if "calibration" in report:
+        cal = report["calibration"]
+        click.echo(f"thresholds calibrated on {cal['held_out_images']} held-out training images: conv "
+                   f"{cal['alpha']['conv']}/{cal['beta']['conv']}, linear {cal['alpha']['linear']}/"
+                   f"{cal['beta']['linear']}; {cal['tried'][cal['chosen']]['accuracy']:.2f} % against the original's "
+                   f"{cal['original_accuracy']:.2f} %" + ("" if cal["met"] else " (target NOT met)"))
+    if "accuracy" in report:
+        acc = report["accuracy"]
+        click.echo(f"test accuracy on classes {report['classes']}: component {acc['component']:.2f} %, original "
+                   f"{acc['original']:.2f} % (argmax over the same classes)")
+    spec = f"{train.name}[{','.join(map(str, report['classes']))}]"
+    click.echo(f"wrote {out_dir} (component, routes.png, report.md); evaluate with `reassembly eval --model {out_dir} "
+               f"--data '{spec}'`")
+
+
+@cli.command("assemble")
+@click.argument("components", metavar="COMPONENT...", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--out", "out_dir", required=True, type=OutputDir(), help="Assembly folder to write.")
+@click.option("--merge", type=click.Choice(["parallel", "block-diagonal"]), default="parallel", show_default=True,
+              help="parallel: each component a branch on the shared input, parameters = the sum of the parts; "
+                   "block-diagonal: the paper's alignment-padding merge into one network (one architecture only; "
+                   "the zero blocks count as parameters).")
+@click.option("--scale", is_flag=True,
+              help="Parameter scaling: divide each head row by the mean winning logit of correctly classified "
+                   "training images of its class, so that the components' logits compare.")
+@click.option("--data", "data_spec", default=None,
+              help="With --scale: the dataset whose training split scales the heads (default: the one each "
+                   "component was disassembled from).")
+@click.option("--scale-per-class", type=POSITIVE, default=200, show_default=True,
+              help="With --scale: training images per class (a seeded draw).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the --scale-per-class draw.")
+@click.option("--overwrite", is_flag=True, help="Replace a folder --out that already holds something.")
+@click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Folder holding the datasets.")
+def assemble_cmd(components, out_dir, merge, scale, data_spec, scale_per_class, seed, overwrite, data_root):
+    """Model LEGO: join components (from `reassembly disassemble`) into one classifier over all their classes.
+
+    Components may come from different models and architectures. Their logits are joined in ascending class
+    order when they share a dataset (a class in two components is an error), so the assembly is evaluated on
+    the union of their classes. OUT gets assembly.safetensors + assembly.json and report.json (parameters and
+    MACs against the sum of the parts).
+
+    \b
+    reassembly assemble runs/r20-012 runs/vgg-345 --out runs/six
+    reassembly assemble runs/r20-012 runs/vgg-345 --scale --out runs/six-scaled
+    reassembly assemble runs/vgg-012 runs/vgg-345 --merge block-diagonal --out runs/six-merged
+    reassembly eval --model runs/six-scaled --data 'cifar10[0:6]'
+    """
+    from .data import load_dataset
+    from .lego.stage import assemble_components, load_components, write_assembly
+
+    if len(components) < 2:
+        raise click.UsageError("give at least two component folders to assemble")
+    if data_spec is not None and not scale:
+        raise click.UsageError("--data only says which data scales the heads; add --scale")
+    parts = load_components(components)
+    scale_data, cache = {}, {}
+    if scale:
+        for i, part in enumerate(parts):
+            name = data_spec or part.reassembly_component.get("dataset")
+            if not name:
+                raise ReassemblyError(f"{components[i]} does not say which dataset it was disassembled from; pass "
+                                      "--data to scale it")
+            size = part.reassembly_input_size
+            if name not in cache:
+                cache[name] = load_dataset(name, "train", root=data_root, image_size=size[1], channels=size[0])
+            scale_data[i] = cache[name]
+    assembly = assemble_components(parts, mode=merge, scale=scale, scale_data=scale_data,
+                                   scale_per_class=scale_per_class, seed=seed)
+    info = {"components": list(components), "scaled": scale, "seed": seed}
+    report = write_assembly(assembly, parts, out_dir, overwrite=overwrite, info=info)
+    total = sum(report["params_of_parts"])
+    classes = assembly.reassembly_classes
+    click.echo(f"{merge} assembly of {len(parts)} components, classes {report['classes']}: {report['params']:,} "
+               f"parameters (the parts: {total:,}), {report['macs']:,} MACs"
+               + (", heads scaled on training images" if scale else ""))
+    where = assembly.reassembly_dataset
+    hint = (f"; evaluate with `reassembly eval --model {out_dir} --data '{where}[{','.join(map(str, classes))}]'`"
+            if classes is not None and where else "")
+    click.echo(f"wrote {out_dir}{hint}")
 
 
 @cli.command("train")

@@ -29,6 +29,40 @@ def atomic_path(path: str | os.PathLike):
 
 
 @contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, overwrite: bool = False):
+    """Yield a temporary folder beside ``path``; when the block succeeds it becomes ``path`` (an existing ``path`` is
+    replaced only with ``overwrite``, and refused up front otherwise). On failure nothing is left behind."""
+    import shutil
+
+    from .errors import ReassemblyError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ReassemblyError(f"{path} is a file, not a folder")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise ReassemblyError(f"{path} already exists and is not empty; choose another --out or pass --overwrite")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old is not None:
+                os.replace(old / path.name, path)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
 def locked(path: str | os.PathLike):
     """Hold an exclusive lock on ``path`` + '.lock' (for read-modify-write of shared files like a manifest)."""
     import fcntl

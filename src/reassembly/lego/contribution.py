@@ -78,7 +78,7 @@ class Contributions:
                       metadata={"reassembly": json.dumps(header)})
 
     @classmethod
-    def load(cls, path) -> "Contributions":
+    def load(cls, path) -> Contributions:
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as handle:

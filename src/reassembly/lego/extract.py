@@ -135,12 +135,13 @@ def _prunable(module: nn.Module) -> bool:
 
 def extract_component(model: nn.Module, record: ComponentMasks, example_input: torch.Tensor | None = None, *,
                       architecture: str | None = None, arch_kwargs: dict | None = None,
-                      check_weights: bool = True) -> nn.Module:
+                      check_weights: bool = True, dataset: str | None = None) -> nn.Module:
     """A smaller plain copy of ``model`` with exactly the channels ``record`` keeps (see the module docstring).
 
     ``example_input`` defaults to one random input of the record's ``input_size``. ``architecture``/``arch_kwargs``
     (how to rebuild the model with :func:`reassembly.create_model`, stored by :func:`save_component`) default to the
-    zoo name and kwargs the model was created with."""
+    zoo name and kwargs the model was created with. ``dataset`` names the label space the record's class ids refer
+    to (e.g. "cifar10"); assembly uses it to tell classes of different datasets apart."""
     try:
         import torch_pruning as tp
     except ImportError:
@@ -222,8 +223,12 @@ def extract_component(model: nn.Module, record: ComponentMasks, example_input: t
     if architecture is None:
         architecture, arch_kwargs = _how_to_rebuild(model, record)
     component.reassembly_component = {
-        "architecture": architecture, "arch_kwargs": dict(arch_kwargs or {}), "record": record.to_dict()}
+        "architecture": architecture, "arch_kwargs": dict(arch_kwargs or {}), "dataset": dataset,
+        "record": record.to_dict()}
     component.reassembly_name = f"component of {architecture}"
+    component.reassembly_classes = list(record.classes)  # its logits, in order (what `reassembly eval` checks)
+    component.reassembly_input_size = list(record.input_size)
+    component.reassembly_dataset = dataset
     return component
 
 
@@ -276,7 +281,7 @@ def _how_to_rebuild(model: nn.Module, record: ComponentMasks) -> tuple[str, dict
     architecture = getattr(model, "reassembly_name", None)
     if not architecture:
         return type(model).__name__, {}
-    kwargs = {"num_classes": record.num_classes}
+    kwargs = {"num_classes": record.num_classes, **getattr(model, "reassembly_kwargs", {})}
     pretrained = getattr(model, "reassembly_pretrained", None)
     if pretrained:
         from ..zoo.pretrained import manifest_entry
@@ -286,18 +291,26 @@ def _how_to_rebuild(model: nn.Module, record: ComponentMasks) -> tuple[str, dict
 
 
 # ------------------------------------------------------------------------------------------------- saving/loading
+def describe_component(component: nn.Module) -> dict:
+    """What :func:`rebuild_component` needs to rebuild ``component``'s structure: architecture, kwargs, label
+    space, the mask record, normalisation, scaling ratios (if scaled)."""
+    info = getattr(component, "reassembly_component", None)
+    if info is None:
+        raise ReassemblyError("not an extracted component (made by extract_component)")
+    meta = {"format": FORMAT, **info, "classes": info["record"]["classes"],
+            "normalization": getattr(component, "input_normalization", None)}
+    meta.setdefault("dataset", None)
+    return meta
+
+
 def save_component(component: nn.Module, directory) -> Path:
     """Write ``component.safetensors`` + ``component.json`` into ``directory`` (no pickle)."""
     from safetensors.torch import save_file
 
-    info = getattr(component, "reassembly_component", None)
-    if info is None:
-        raise ReassemblyError("not an extracted component (made by extract_component)")
+    meta = describe_component(component)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    shapes = {name: list(p.shape) for name, p in component.state_dict().items()}
-    meta = {"format": FORMAT, **info, "shapes": shapes, "classes": info["record"]["classes"],
-            "normalization": getattr(component, "input_normalization", None)}
+    meta["shapes"] = {name: list(p.shape) for name, p in component.state_dict().items()}
     state = {k: v.detach().cpu().contiguous().clone() for k, v in component.state_dict().items()}
     with atomic_path(directory / "component.safetensors") as tmp:
         save_file(state, str(tmp), metadata={"format": FORMAT})
@@ -306,34 +319,53 @@ def save_component(component: nn.Module, directory) -> Path:
     return directory
 
 
-def load_component(directory) -> nn.Module:
-    """Rebuild a component saved by :func:`save_component`: create the architecture, prune it from the stored masks
-    the same way, load the weights (strictly: every tensor and shape must match)."""
-    from safetensors.torch import load_file
-
+def rebuild_component(meta: dict) -> nn.Module:
+    """The structure of a saved component, from its description alone (random weights): create the architecture and
+    prune it from the stored masks the same way extraction did."""
     from ..data import set_normalization
     from ..zoo.registry import create_model
+
+    if meta.get("format") != FORMAT:
+        raise ReassemblyError(f"not a component description (format {meta.get('format')!r})")
+    record = ComponentMasks.from_dict(meta["record"])
+    model = create_model(meta["architecture"], **meta["arch_kwargs"]).eval()
+    component = extract_component(model, record, architecture=meta["architecture"], arch_kwargs=meta["arch_kwargs"],
+                                  check_weights=False, dataset=meta.get("dataset"))
+    for key in ("scaling",):
+        if meta.get(key) is not None:
+            component.reassembly_component[key] = meta[key]
+    if meta.get("normalization"):
+        set_normalization(component, meta["normalization"]["mean"], meta["normalization"]["std"])
+    return component
+
+
+def load_component(directory) -> nn.Module:
+    """Rebuild a component saved by :func:`save_component` (:func:`rebuild_component`) and load its weights
+    (strictly: every tensor and shape must match)."""
+    from safetensors.torch import load_file
 
     directory = Path(directory)
     try:
         meta = json.loads((directory / "component.json").read_text())
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ReassemblyError(f"cannot read the component description {directory / 'component.json'}: {error}") \
             from None
     if meta.get("format") != FORMAT:
         raise ReassemblyError(f"{directory} does not hold a component (format {meta.get('format')!r})")
-    record = ComponentMasks.from_dict(meta["record"])
-    model = create_model(meta["architecture"], **meta["arch_kwargs"]).eval()
-    component = extract_component(model, record, architecture=meta["architecture"], arch_kwargs=meta["arch_kwargs"],
-                                  check_weights=False)
-    state = load_file(str(directory / "component.safetensors"))
+    try:
+        component = rebuild_component(meta)
+    except (KeyError, TypeError) as error:
+        raise ReassemblyError(f"{directory / 'component.json'} is malformed ({type(error).__name__}: {error})") \
+            from None
+    try:
+        state = load_file(str(directory / "component.safetensors"))
+    except Exception as error:  # noqa: BLE001 - safetensors raises several kinds
+        raise ReassemblyError(f"cannot read {directory / 'component.safetensors'}: {error}") from None
     own = component.state_dict()
     bad = [k for k in set(own) | set(state) if k not in own or k not in state or own[k].shape != state[k].shape]
     if bad:
         raise ReassemblyError(f"{directory}: the rebuilt component does not match the saved weights at {min(bad)}")
     component.load_state_dict(state)
-    if meta.get("normalization"):
-        set_normalization(component, meta["normalization"]["mean"], meta["normalization"]["std"])
     return component.eval()
 
 

@@ -39,9 +39,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from ..errors import ReassemblyError
 from ..io import atomic_path
@@ -104,7 +103,7 @@ class ComponentMasks:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ComponentMasks":
+    def from_dict(cls, data: dict) -> ComponentMasks:
         if data.get("format") != FORMAT:
             raise ReassemblyError(f"not a component mask record (format {data.get('format')!r}, expected {FORMAT})")
         layers = {name: LayerMask(**info) for name, info in data["layers"].items()}
@@ -116,7 +115,7 @@ class ComponentMasks:
             tmp.write_text(json.dumps(self.to_dict(), indent=1))
 
     @classmethod
-    def load(cls, path) -> "ComponentMasks":
+    def load(cls, path) -> ComponentMasks:
         try:
             return cls.from_dict(json.loads(open(path).read()))
         except (OSError, json.JSONDecodeError) as error:
@@ -326,13 +325,16 @@ def _check_classes(classes, contributions: Contributions, model_name: str) -> li
 
 
 def locate_component(model: nn.Module, contributions: Contributions, classes, *, input_size=(3, 32, 32),
-                     alpha: dict | None = None, beta: dict | None = None, model_name: str = "model") -> ComponentMasks:
+                     alpha: dict | None = None, beta: dict | None = None, model_name: str = "model",
+                     graph=None) -> ComponentMasks:
     """The channels of every conv/linear layer of ``model`` that the component for ``classes`` keeps (MDA step 3).
 
-    ``alpha``/``beta`` override the official thresholds per layer kind (``{"conv": ..., "linear": ...}``)."""
+    ``alpha``/``beta`` override the official thresholds per layer kind (``{"conv": ..., "linear": ...}``).
+    ``graph``: the result of :func:`channel_graph` for this model and input size, to trace it only once when
+    locating many times."""
     alpha, beta = {**ALPHA, **(alpha or {})}, {**BETA, **(beta or {})}
     classes = _check_classes(classes, contributions, model_name)
-    graph, flows = channel_graph(model, tuple(input_size), model_name)
+    graph, flows = graph if graph is not None else channel_graph(model, tuple(input_size), model_name)
     n = len(classes)
     output = next(node for node in graph.nodes if node.op == "output")
     logits = output.args[0]

@@ -46,7 +46,7 @@ class SampleSelection:
         return {"dataset": self.dataset, "indices": self.indices, "scores": self.scores}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "SampleSelection":
+    def from_dict(cls, data: dict) -> SampleSelection:
         return cls([list(map(int, c)) for c in data["indices"]], [list(map(float, c)) for c in data["scores"]],
                    str(data["dataset"]))
 

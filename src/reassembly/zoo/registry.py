@@ -9,10 +9,10 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
-import torch.nn as nn
+from torch import nn
 
 from ..data.transforms import (
     IMAGENET_MEAN,
@@ -99,10 +99,20 @@ def create_model(
     ``pretrained=True`` loads the weights shipped with the package (see ``reassembly zoo list``);
     ``checkpoint`` loads a local safetensors or weights-only torch file instead. ``timm:<name>`` builds a
     timm model when the ``[timm]`` extra is installed. The model carries the input normalisation it expects
-    (``reassembly.data.normalization_of``): the checkpoint's, else the architecture's.
+    (``reassembly.data.normalization_of``): the checkpoint's, else the architecture's. A folder written by
+    ``reassembly disassemble`` or ``reassembly assemble`` (an MDA component or assembly) loads with its weights.
     """
     if name.startswith("timm:"):
         return _create_timm(name[len("timm:"):], num_classes, pretrained, checkpoint, **kwargs)
+    from pathlib import Path
+
+    if (Path(name) / "component.json").is_file() or (Path(name) / "assembly.json").is_file():
+        if pretrained or checkpoint or num_classes or kwargs:
+            raise ReassemblyError(f"{name} is a saved MDA component or assembly with its own weights and classes; "
+                                  "give only its folder")
+        from ..lego import load_lego
+
+        return load_lego(name)
     _import_families()
     if pretrained:
         from .pretrained import load_pretrained
@@ -110,11 +120,12 @@ def create_model(
         if checkpoint is not None:
             raise ReassemblyError("give either pretrained=True or a checkpoint, not both")
         return load_pretrained(name, num_classes=num_classes, **kwargs)
-    fn, info = _REGISTRY[name] if name in _REGISTRY else (None, None)
+    fn, info = _REGISTRY.get(name, (None, None))
     if fn is None:
         raise _unknown(name)
     model = fn(num_classes=info.default_num_classes if num_classes is None else num_classes, **kwargs)
     model.reassembly_name = name
+    model.reassembly_kwargs = dict(kwargs)  # how to build it again (e.g. an MDA component's architecture)
     set_normalization(model, info.mean, info.std)
     if checkpoint is not None:
         from ..checkpoint import load_into
@@ -126,7 +137,7 @@ def create_model(
 def _create_timm(name, num_classes, pretrained, checkpoint, **kwargs) -> nn.Module:
     try:
         import timm
-    except Exception as exc:  # timm also fails to import when torchvision is a mismatched CUDA build
+    except Exception as exc:  # noqa: BLE001 - timm also fails to import when torchvision is a mismatched CUDA build
         raise ReassemblyError(
             f"'timm:{name}' needs timm, which could not be imported ({type(exc).__name__}: {exc}); "
             "install the extra with `pip install 'reassembly[timm]'`"
