@@ -102,6 +102,7 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, net, how):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # three search processes; the default run checks the in-process resume (tests/test_nas.py)
 def test_a_killed_nas_search_resumes_to_the_same_search(tmp_path):
     args = ["nas", "search", "--space", "extend", "--data", "digits", "--epochs", "2", "--cells", "3", "--channels",
             "4", "--subset", "48", "--batch-size", "8", "--threads", "1"]
@@ -120,7 +121,8 @@ def test_a_killed_nas_search_resumes_to_the_same_search(tmp_path):
         assert (out / name).read_text() == (tmp_path / "straight" / name).read_text(), name
 
 
-@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill"])
+@pytest.mark.parametrize("how", [signal.SIGINT, pytest.param(signal.SIGKILL, marks=pytest.mark.slow)],
+                         ids=["ctrl-c", "kill"])
 def test_interrupted_similarity_resumes_to_the_same_matrices(tmp_path, how):
     import numpy as np
 
