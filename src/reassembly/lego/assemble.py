@@ -36,7 +36,14 @@ from torch import nn
 from ..data import ImageDataset, Preprocess, normalization_of, set_normalization
 from ..errors import ReassemblyError
 from ..io import atomic_path
-from .extract import ChannelEmbed, _head_name, describe_component, rebuild_component
+from .extract import (
+    ChannelEmbed,
+    _head_name,
+    describe_component,
+    load_weights_exactly,
+    read_description,
+    rebuild_component,
+)
 
 FORMAT = "reassembly.lego.assembly/1"
 MODES = ("parallel", "block-diagonal")
@@ -388,31 +395,15 @@ def save_assembly(assembly: Assembly, directory) -> Path:
 def load_assembly(directory) -> Assembly:
     """Rebuild an assembly saved by :func:`save_assembly`: every component from its record, joined the same way,
     then the saved weights (strictly: every tensor and shape must match)."""
-    from safetensors.torch import load_file
-
     directory = Path(directory)
-    try:
-        meta = json.loads((directory / "assembly.json").read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ReassemblyError(f"cannot read the assembly description {directory / 'assembly.json'}: {error}") \
-            from None
-    if meta.get("format") != FORMAT:
-        raise ReassemblyError(f"{directory} does not hold an assembly (format {meta.get('format')!r})")
+    meta = read_description(directory / "assembly.json", FORMAT, "assembly")
     try:
         components = [rebuild_component(info) for info in meta["components"]]
     except (KeyError, TypeError) as error:
         raise ReassemblyError(f"{directory / 'assembly.json'} is malformed ({type(error).__name__}: {error})") \
             from None
     assembly = assemble(components, meta["mode"], verify=False)
-    try:
-        state = load_file(str(directory / "assembly.safetensors"))
-    except Exception as error:  # noqa: BLE001 - safetensors raises several kinds
-        raise ReassemblyError(f"cannot read {directory / 'assembly.safetensors'}: {error}") from None
-    own = assembly.state_dict()
-    bad = [k for k in set(own) | set(state) if k not in own or k not in state or own[k].shape != state[k].shape]
-    if bad:
-        raise ReassemblyError(f"{directory}: the rebuilt assembly does not match the saved weights at {min(bad)}")
-    assembly.load_state_dict(state)
+    load_weights_exactly(assembly, directory / "assembly.safetensors", "assembly")
     set_normalization(assembly, meta["normalization"]["mean"], meta["normalization"]["std"])
     assembly.reassembly_assembly["components"] = meta["components"]  # with their scaling records
     return assembly.eval()

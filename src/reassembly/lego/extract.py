@@ -339,33 +339,45 @@ def rebuild_component(meta: dict) -> nn.Module:
     return component
 
 
+def read_description(path: Path, fmt: str, what: str) -> dict:
+    """The JSON description of a saved component or assembly (``what``), refused unless it says it is one."""
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ReassemblyError(f"cannot read the {what} description {path}: {error}") from None
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise ReassemblyError(f"{path.parent} does not hold {'an' if what[0] in 'aeiou' else 'a'} {what} "
+                              f"(format {found!r})")
+    return meta
+
+
+def load_weights_exactly(module: nn.Module, path: Path, what: str) -> None:
+    """Load ``path`` (safetensors) into a rebuilt ``module``: every tensor and shape must match."""
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path))
+    except Exception as error:  # noqa: BLE001 - safetensors raises several kinds
+        raise ReassemblyError(f"cannot read {path}: {error}") from None
+    own = module.state_dict()
+    bad = [k for k in set(own) | set(state) if k not in own or k not in state or own[k].shape != state[k].shape]
+    if bad:
+        raise ReassemblyError(f"{path.parent}: the rebuilt {what} does not match the saved weights at {min(bad)}")
+    module.load_state_dict(state)
+
+
 def load_component(directory) -> nn.Module:
     """Rebuild a component saved by :func:`save_component` (:func:`rebuild_component`) and load its weights
     (strictly: every tensor and shape must match)."""
-    from safetensors.torch import load_file
-
     directory = Path(directory)
-    try:
-        meta = json.loads((directory / "component.json").read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ReassemblyError(f"cannot read the component description {directory / 'component.json'}: {error}") \
-            from None
-    if meta.get("format") != FORMAT:
-        raise ReassemblyError(f"{directory} does not hold a component (format {meta.get('format')!r})")
+    meta = read_description(directory / "component.json", FORMAT, "component")
     try:
         component = rebuild_component(meta)
     except (KeyError, TypeError) as error:
         raise ReassemblyError(f"{directory / 'component.json'} is malformed ({type(error).__name__}: {error})") \
             from None
-    try:
-        state = load_file(str(directory / "component.safetensors"))
-    except Exception as error:  # noqa: BLE001 - safetensors raises several kinds
-        raise ReassemblyError(f"cannot read {directory / 'component.safetensors'}: {error}") from None
-    own = component.state_dict()
-    bad = [k for k in set(own) | set(state) if k not in own or k not in state or own[k].shape != state[k].shape]
-    if bad:
-        raise ReassemblyError(f"{directory}: the rebuilt component does not match the saved weights at {min(bad)}")
-    component.load_state_dict(state)
+    load_weights_exactly(component, directory / "component.safetensors", "component")
     return component.eval()
 
 
