@@ -195,6 +195,27 @@ def test_planted_boundaries_are_recovered(stage_aligned):
     assert result.score == pytest.approx(4 * 3 * 2)
 
 
+def test_a_random_partition_is_one_feasible_unrefined_draw():
+    """iterations=0, restarts=1: DeRy's random-partition baseline. Feasible, stage-aligned, scored by the same
+    within-set similarity, below the search's partition, and another seed draws other cuts."""
+    models, points = planted_zoo()
+    searched = partition(models, points, 4, 0.5, restarts=30)
+    draws = [partition(models, points, 4, 0.5, restarts=1, iterations=0, seed=seed) for seed in range(6)]
+    for result in draws:
+        assert result.iterations == 0 and result.restart_iterations == (0,)
+        for model in models:
+            blocks = result.blocks[model.name]
+            assert blocks[0][0] == model.body[0] and blocks[-1][1] == model.body[1]
+            assert all(a < b and b == c for (a, b), (c, _) in zip(blocks, blocks[1:] + ((blocks[-1][1], 0),)))
+            assert max(b - a for a, b in blocks) <= result.caps[model.name]
+        assert [set(members.members) for members in result.sets] == [
+            {(model.name, stage) for model in models} for stage in range(4)
+        ]
+        assert result.score == pytest.approx(within_set_score(result, points, "io"))
+        assert result.score < searched.score
+    assert len({tuple(sorted(result.blocks.items())) for result in draws}) > 1
+
+
 def test_the_cap_is_checked_on_the_receiving_block():
     """Similarity pulls both boundaries towards body position 7 of 8: every forward move improves the score and the
     donor always keeps more than one node, so the official donor-side check would grow block 0 to 7 nodes."""
@@ -274,7 +295,8 @@ def test_errors_name_the_culprit():
     fails("model name 'a' appears more than once", [a, chain_model("a", 5)], good, 2)
     fails("unknown size 'flops'", [a, b], good, 2, size="flops")
     fails("unknown similarity 'cka'", [a, b], good, 2, similarity="cka")
-    fails("restarts must be a positive integer", [a, b], good, 2, restarts=0)
+    fails("restarts must be an integer of at least 1", [a, b], good, 2, restarts=0)
+    fails("iterations must be an integer of at least 0", [a, b], good, 2, iterations=-1)
     fails("no similarity between models a and c", [a, b, chain_model("c", 5)], good, 2)
     fails(r"between models a and b \(points\[\('a', 'b'\)\]\) has shape \(9, 9\), expected \(9, 10\)",
           [a, b], {("a", "b"): np.zeros((9, 9))}, 2)

@@ -79,3 +79,9 @@ def test_cli_pair_runs_end_to_end_on_the_split_cifar_zoo(tmp_path):
     assert {model["name"] for model in record["models"]} == {model["name"] for model in index["models"]}
     assert all(len(model["blocks"]) == 4 for model in record["models"])
     assert "vgg11_fashion" in partition.stdout
+    random = cli("partition", str(out), "--k", "4", "--random", "--seed", "3", "--out", str(tmp_path / "random.json"))
+    assert random.returncode == 0, random.stderr
+    drawn = json.loads((tmp_path / "random.json").read_text())
+    assert drawn["config"]["iterations"] == 0 and drawn["restarts"]["iterations"] == [0] and "one random partition" in \
+        random.stdout
+    assert drawn["score"] < record["score"]

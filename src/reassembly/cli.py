@@ -625,10 +625,14 @@ def similarity(zoo_spec, data_spec, split, probe_size, out_dir, seed, batch_size
               help="Which CKA to read (the similarity run stores both kinds).")
 @click.option("--restarts", type=POSITIVE, default=50, show_default=True, help="Random restarts.")
 @click.option("--iterations", type=POSITIVE, default=50, show_default=True, help="Iterations per restart at most.")
+@click.option("--random", "random_cuts", is_flag=True,
+              help="The random-partition baseline: one uniformly drawn feasible partition (--seed), block k of "
+                   "every model in set k, no similarity-driven refinement (its score is still reported).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", default=None, type=OutputFile(),
               help="Where to write the partition (default DIR/partition.json; the diagram goes beside it as .png).")
-def partition_cmd(similarity_dir, k, eps, size, general, block_similarity, debiased, restarts, iterations, seed, out):
+def partition_cmd(similarity_dir, k, eps, size, general, block_similarity, debiased, restarts, iterations, random_cuts,
+                  seed, out):
     """DeRy stage 2: cut every model of a similarity run into K blocks forming K equivalence sets.
 
     Reads DIR/similarity.json (from `reassembly similarity`) and writes partition.json and partition.png:
@@ -637,16 +641,24 @@ def partition_cmd(similarity_dir, k, eps, size, general, block_similarity, debia
     \b
     reassembly partition runs/sim --k 4 --eps 0.2
     reassembly partition runs/sim --k 3 --size params --out runs/sim/partition-k3.json
+    reassembly partition runs/sim --k 4 --random --seed 1 --out runs/sim/partition-random.json
     """
     from .partition.stage import partition_zoo
 
+    if random_cuts:
+        if general:
+            raise click.UsageError("--random draws stage-aligned sets; drop --general")
+        restarts, iterations = 1, 0
     record = partition_zoo(similarity_dir, k, eps, out=out, debiased=debiased, size=size, stage_aligned=not general,
                            similarity=block_similarity, restarts=restarts, iterations=iterations, seed=seed,
                            progress=sys.stderr.isatty())
     rows = [[model["name"]] + [f"{b['start']}-{b['stop']} ({human(b['params'])})" for b in model["blocks"]]
             for model in record["models"]]
     click.echo(format_table(["model"] + [f"block {i}" for i in range(k)], rows, "l" * (k + 1)))
-    click.echo(f"score {record['score']:.3f}; best of {restarts} restarts (restart {record['restarts']['best']})")
+    if random_cuts:
+        click.echo(f"score {record['score']:.3f}; one random partition (seed {seed}), not refined")
+    else:
+        click.echo(f"score {record['score']:.3f}; best of {restarts} restarts (restart {record['restarts']['best']})")
     path = Path(out) if out else Path(similarity_dir) / "partition.json"
     click.echo(f"wrote {path} and {path.with_suffix('.png')}")
 

@@ -92,12 +92,14 @@ def partition(
     ``(1 + eps) * body params / k`` parameters (``size="params"``, raised for a model where that admits no partition,
     e.g. because one node is larger). ``stage_aligned`` fixes set j to the j-th block of every model. The best
     partition by within-set similarity over ``restarts`` random starts is returned; the same inputs and ``seed``
-    give the same partition.
+    give the same partition. ``iterations=0`` skips the refinement: the result is the best of ``restarts``
+    uniformly drawn feasible partitions, and with ``restarts=1`` one random partition (DeRy's random-partition
+    baseline, which ignores the similarity except to report its score).
     """
     problem = _Problem(models, points, k, eps, size, similarity)
-    for name, value in (("restarts", restarts), ("iterations", iterations), ("patience", patience)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise PartitionError(f"{name} must be a positive integer (got {value!r})")
+    for name, value, least in (("restarts", restarts, 1), ("iterations", iterations, 0), ("patience", patience, 1)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+            raise PartitionError(f"{name} must be an integer of at least {least} (got {value!r})")
     rng = np.random.default_rng(seed)
     best: _State | None = None
     restart_scores, restart_iterations, best_restart = [], [], 0
@@ -201,6 +203,9 @@ class _Problem:
             anchors = rng.choice(count * k, size=k, replace=False)
             assign = self._reassign(self._similarities(cuts), anchors)
         state = _State(cuts, assign, anchors)
+        if iterations == 0:  # the drawn partition itself, scored but not refined
+            state.score = self._score(self._similarities(cuts), assign)
+            return state, 0
         best, stall, ran = state.copy(), 0, 0
         for _ in range(iterations):
             ran += 1
