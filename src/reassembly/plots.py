@@ -22,10 +22,12 @@ def pyplot():
 
 
 def save_png(figure, path: str | Path, dpi: int = DPI) -> Path:
-    """Write ``figure`` to ``path`` as a PNG, whole or not at all, and free it."""
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=dpi)
-    pyplot().close(figure)
+    """Write ``figure`` to ``path`` as a PNG, whole or not at all, and free it (also when writing fails)."""
+    try:
+        with atomic_path(path) as tmp:
+            figure.savefig(tmp, format="png", dpi=dpi)
+    finally:
+        pyplot().close(figure)
     return Path(path)
 
 

@@ -44,6 +44,7 @@ from .extract import (
     read_description,
     rebuild_component,
 )
+from .report import logits_in_batches
 
 FORMAT = "reassembly.lego.assembly/1"
 MODES = ("parallel", "block-diagonal")
@@ -339,11 +340,9 @@ def scale_head(component: nn.Module, dataset: ImageDataset, *, per_class: int | 
     rows = np.sort(np.concatenate(rows))
     if len(rows) == 0:
         raise ReassemblyError(f"{dataset.name} has no image of classes {classes} to scale the component with")
-    device = next(component.parameters()).device
-    component.eval()
     x = Preprocess(*normalization_of(component))(dataset.images[torch.from_numpy(rows)])
     local = torch.tensor([classes.index(int(c)) for c in labels[rows]])
-    logits = torch.cat([component(x[i:i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
+    logits = logits_in_batches(component, x, batch_size)
     win, predicted = logits.max(1)
     ratios = []
     for k, c in enumerate(classes):

@@ -28,6 +28,7 @@ from ..errors import ReassemblyError
 from ..train.evaluate import resolve_normalization
 from .contribution import Contributions
 from .locate import ALPHA, BETA, ComponentMasks, channel_graph, locate_component
+from .report import logits_in_batches
 
 #: (alpha, beta) pairs tried per layer kind; every conv pair is combined with every linear pair. The first pairs are
 #: the paper's thresholds.
@@ -131,10 +132,8 @@ def masked_logits(model: nn.Module, masks: ComponentMasks, inputs: torch.Tensor,
             return (args[0] * keep.view(shape).to(args[0]),)
         handles.append(modules[name].register_forward_pre_hook(zero))
     was = model.training
-    model.eval()
     try:
-        with torch.no_grad():
-            out = torch.cat([model(inputs[i:i + batch_size]) for i in range(0, len(inputs), batch_size)])
+        out = logits_in_batches(model, inputs, batch_size)
     finally:
         model.train(was)
         for h in handles:
@@ -167,10 +166,8 @@ def calibrate_thresholds(model: nn.Module, contributions: Contributions, classes
     mean, std = resolve_normalization(model, mean, std)
     device = next(model.parameters()).device
     inputs = Preprocess(mean, std)(held_out.images[rows]).to(device)
-    local = torch.tensor([classes.index(int(c)) for c in held_out.labels[rows]], device=device)
-    with torch.no_grad():
-        model.eval()
-        full = torch.cat([model(inputs[i:i + batch_size]) for i in range(0, len(inputs), batch_size)])
+    local = torch.tensor([classes.index(int(c)) for c in held_out.labels[rows]])
+    full = logits_in_batches(model, inputs, batch_size)
     original = _accuracy(full[:, classes], local)
     target = original - tolerance
 

@@ -20,7 +20,6 @@ from torch import nn
 
 from ..data import ImageDataset, Preprocess, normalization_of
 from ..errors import ReassemblyError
-from ..io import atomic_path
 from .locate import ComponentMasks
 
 SHARED = (1.0, 0.55, 0.0)  # orange, as in the paper's route figures
@@ -50,11 +49,11 @@ def route_table(masks: ComponentMasks) -> tuple[list[str], list[np.ndarray]]:
 
 def draw_routes(masks: ComponentMasks, path, *, class_names=None, title: str | None = None) -> Path:
     """Write the decision-route picture of ``masks`` to ``path`` (PNG, atomically)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
+
+    from ..plots import pyplot, save_png
+
+    plt = pyplot()
 
     names, tables = route_table(masks)
     if not names:
@@ -92,17 +91,13 @@ def draw_routes(masks: ComponentMasks, path, *, class_names=None, title: str | N
     step = max(1, len(names) // 40)
     bottom.set_xticks(x[::step], [names[i] for i in x[::step]], rotation=90, fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    try:
-        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-            fig.savefig(handle, format="png", dpi=110)
-    finally:
-        plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 @torch.no_grad()
-def _logits(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+def logits_in_batches(model: nn.Module, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """The model's logits (eval mode, no gradients) for preprocessed images ``x``, ``batch_size`` at a time on the
+    model's device; returned on the CPU."""
     model.eval()
     device = next(model.parameters()).device
     return torch.cat([model(x[i:i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
@@ -133,8 +128,8 @@ def compression_report(original: nn.Module, component: nn.Module, dataset: Image
         raise ReassemblyError(f"{dataset.name} has no image of classes {classes} to score the component on")
     labels = dataset.labels[rows]
     local = torch.tensor([classes.index(int(c)) for c in labels])
-    full = _logits(original, Preprocess(*normalization_of(original))(dataset.images[rows]), batch_size)
-    mine = _logits(component, Preprocess(*normalization_of(component))(dataset.images[rows]), batch_size)
+    full = logits_in_batches(original, Preprocess(*normalization_of(original))(dataset.images[rows]), batch_size)
+    mine = logits_in_batches(component, Preprocess(*normalization_of(component))(dataset.images[rows]), batch_size)
     hit_original = full[:, classes].argmax(1) == local
     hit_all = full.argmax(1) == labels
     hit_component = mine.argmax(1) == local
