@@ -105,7 +105,8 @@ class _Run:
 
     def __init__(self, run_dir: Path):
         self.dir = run_dir
-        self.recipe = yaml.safe_load((run_dir / RESOLVED).read_text()) or {}
+        self.recipe_text = (run_dir / RESOLVED).read_text()
+        self.recipe = yaml.safe_load(self.recipe_text) or {}
         self.search = self._json("search.json")
         self.partition = self._json("partition.json")
         self.eval = self._json("eval.json")
@@ -199,7 +200,7 @@ def _glance(run: _Run) -> str:
 
 
 def _recipe(run: _Run) -> str:
-    text = (run.dir / RESOLVED).read_text()
+    text = run.recipe_text
     return (f"<p>The recipe with every default filled in (<code>{RESOLVED}</code>); "
             f'<code>reassembly run {_e(str(run.dir / RESOLVED))}</code> runs it again.</p><pre class="yaml">{_e(text)}'
             "</pre>")
