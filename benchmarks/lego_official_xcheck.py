@@ -41,7 +41,7 @@ rfi.identify()
 contrib = accumulate_contributions(model, x, labels, 10)
 masks = locate_component(model, contrib, [0, 1, 2])
 for i, n in enumerate(names):
-    off = torch.load(f'{save}/masks/mask_layer{i}.pt')
+    off = torch.load(f'{save}/masks/mask_layer{i}.pt', weights_only=True)
     ours = masks.layers[n].relevant_in
     same = all(sorted(torch.nonzero(off[c])[:, 0].tolist()) == ours[str(c)] for c in (0, 1, 2))
     a_off = torch.from_numpy(__import__('numpy').asarray(rfi.values[i]))[:3]
