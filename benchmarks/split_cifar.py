@@ -8,7 +8,10 @@ test images. Rows, each trained by the same procedure:
   blocks frozen (stem, stitches and head only) or entirely;
 * DeRy from scratch: the same architecture cut from freshly initialised models, default-initialised stitches;
 * random assembly: a network drawn uniformly (seeded) from the feasible networks within the budget other than the
-  choice, stitched like DeRy's and fully fine-tuned.
+  choice, stitched like DeRy's and fully fine-tuned;
+* random partition + proxy (with ``--random-partition``): the same search run on one random partition
+  (``reassembly partition --random``) instead of the CKA one; its choice is stitched and fully fine-tuned like DeRy's.
+  This isolates what the similarity-driven partition adds.
 
 The procedure: AdamW with the stitching recipe (``reassembly.stitch.training.RECIPE``: cosine, warm-up, label
 smoothing 0.1) for ``--epochs`` epochs; the peak learning rate of each row is chosen from ``--lrs`` by final-epoch
@@ -24,7 +27,10 @@ is reported next to the tau of parameter and MAC counts.
     python benchmarks/split_cifar.py --search results/search/split-cifar-naswot-0.5M-60M-all.json \
         --proxy-scores DIR_WITH_SEARCH_JSONS --out runs/split-cifar-table --jobs 12 --report results/split-cifar-table
 
-Every training run is a resumable ``train_classifier`` directory; re-running the command skips finished runs.
+Every training run is a resumable ``train_classifier`` directory; re-running the command skips finished runs, and
+only the networks an unfinished run needs are stitched. Adding ``--random-partition`` to a finished table adds that
+row to its plan and trains only it. Each run records the machine it ran on (``device.json``); the report names every
+machine.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import json
 import os
 import platform
 import random
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -96,10 +103,28 @@ def build_plan(args) -> dict:
         {"row": "DeRy from scratch", "kind": "net", "source": "scratch", "mode": "full", **_cost(chosen)},
         {"row": "random assembly", "kind": "net", "source": "random", "mode": "full", **_cost(random_net)},
     ]
-    return {"search": args.search, "per_class": args.per_class, "budget": search["budget_text"], "limits": limits, "feasible": len(feasible),
+    plan = {"search": args.search, "per_class": args.per_class, "budget": search["budget_text"], "limits": limits, "feasible": len(feasible),
             "epochs": args.epochs, "lrs": args.lrs, "seeds": args.seeds, "proxy_epochs": args.proxy_epochs,
             "sample_seed": args.sample_seed, "rows": rows, "nets": nets,
             "proxy_sample": [",".join(c["blocks"]) for c in sample]}
+    if args.random_partition:
+        add_random_partition(plan, args.random_partition)
+    return plan
+
+
+def add_random_partition(plan: dict, search_path: str) -> None:
+    """The row of the search over a random partition: its choice, stitched like DeRy's and fully fine-tuned. The
+    search must use the table's budget, or the row would not be comparable."""
+    search = json.loads(Path(search_path).read_text())
+    if search["budget_text"] != plan["budget"]:
+        raise SystemExit(f"{search_path} searched under {search['budget_text']}, the table under {plan['budget']}; "
+                         "run the random-partition search with the table's budget")
+    choice = search["choice"]["blocks"]
+    chosen = next(c for c in search["candidates"] if ",".join(c["blocks"]) == choice)
+    plan["random_partition"] = search_path
+    plan["nets"]["random-partition"] = {"blocks": choice, "init": "least-squares"}
+    plan["rows"].append({"row": "random partition + proxy", "kind": "net", "source": "random-partition",
+                         "mode": "full", **_cost(chosen)})
 
 
 def _cost(candidate: dict) -> dict:
@@ -143,13 +168,25 @@ def final_jobs(plan: dict, out: Path) -> list[dict] | None:
 
 
 def _slug(text: str) -> str:
-    return text.lower().replace(" ", "-")
+    return re.sub(r"[^a-z0-9_.]+", "-", text.lower())
 
 
 # ---------------------------------------------------------------- running
 
-def stitch_jobs(plan: dict) -> list[dict]:
-    return [{"name": f"stitch-{key}", "stitch": key} for key in plan["nets"]]
+def stitch_jobs(plan: dict, out: Path) -> list[dict]:
+    """Stitch the networks some unfinished run trains (all of them for a new table)."""
+    needed = {job["net"] for job in proxy_jobs(plan) if finished(out, job) is None}
+    for row in plan["rows"]:
+        if row["kind"] != "net":
+            continue
+        validation = [job for job in validation_jobs(plan) if job["row"] == row["row"]]
+        if any(finished(out, job) is None for job in validation):
+            needed.add(row["source"])  # its seeded runs come after these, and need the same network
+            continue
+        finals = final_jobs({**plan, "rows": [dict(row)]}, out)
+        if any(finished(out, job) is None for job in finals):
+            needed.add(row["source"])
+    return [{"name": f"stitch-{key}", "stitch": key} for key in plan["nets"] if key in needed]
 
 
 def stitch_net(plan: dict, key: str, out: Path) -> None:
@@ -192,8 +229,25 @@ def run_job(plan: dict, job: dict, out: Path, threads: int) -> None:
         return
     splits = target_splits(plan["per_class"])
     model = model_for(plan, job, out)
+    run_dir = out / "runs" / job["name"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "device.json").write_text(json.dumps(this_machine()) + "\n")
     train_classifier(model, splits[job["train"]], splits[job["eval"]], recipe(job["epochs"], job["lr"]),
-                     out / "runs" / job["name"], seed=job["seed"], progress=False, metadata={"job": job})
+                     run_dir, seed=job["seed"], progress=False, metadata={"job": job})
+
+
+def this_machine() -> dict:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else \
+        f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+    return {"device": device, "torch": torch.__version__}
+
+
+def run_machine(out: Path, job: dict) -> str:
+    """The machine a run ran on: its own record, else the table's (runs before records were kept)."""
+    for path in (out / "runs" / job["name"] / "device.json", out / "machine.json"):
+        if path.is_file():
+            return json.loads(path.read_text())["device"]
+    return "?"
 
 
 def finished(out: Path, job: dict) -> dict | None:
@@ -246,7 +300,8 @@ def report(plan: dict, out: Path, args) -> dict:
     for row in plan["rows"]:
         values = [finished(out, j) for j in finals if j["row"] == row["row"]]
         top1 = [v["final"]["test_top1"] for v in values if v is not None]
-        rows.append({**row, "test_top1": top1,
+        jobs = [j for j in validation_jobs(plan) + finals if j["row"] == row["row"] and finished(out, j)]
+        rows.append({**row, "test_top1": top1, "machines": sorted({run_machine(out, j) for j in jobs}),
                      "mean": statistics.fmean(top1) if top1 else None,
                      "sd": statistics.stdev(top1) if len(top1) > 1 else None})
     proxy = {}
@@ -278,7 +333,7 @@ def markdown(r: dict) -> str:
     p = r["plan"]
     lines = ["# Split-CIFAR: reassembly against the zoo under one budget", "",
              f"Command: `{r['command']}`", "",
-             f"Machine: {r.get('device', '?')}, torch {r.get('torch', '?')}. Target `{TARGET}`, {p['per_class']} training "
+             f"Machine: {r.get('device', '?')} unless a row says otherwise, torch {r.get('torch', '?')}. Target `{TARGET}`, {p['per_class']} training "
              f"images per class, all 5,000 test images. Budget {p['budget']} ({p['feasible']} feasible networks). "
              f"{p['epochs']} epochs per run; learning rate chosen from {p['lrs']} on a validation split; "
              f"{p['seeds']} seeds at the chosen rate.", "",
@@ -289,7 +344,9 @@ def markdown(r: dict) -> str:
                                                                     row.get("validation", {}).items()))
         score = f"{row['mean']:.2f} ± {row['sd']:.2f}" if row["sd"] is not None else (
             f"{row['mean']:.2f}" if row["mean"] is not None else "unfinished")
-        lines.append(f"| {row['row']} | {row['params']:,} | {row['macs']:,} | {row.get('lr', '?')} ({val}) | "
+        elsewhere = [m for m in row.get("machines", []) if m != r.get("device")]
+        name = row["row"] + (f" (run on {', '.join(elsewhere)})" if elsewhere else "")
+        lines.append(f"| {name} | {row['params']:,} | {row['macs']:,} | {row.get('lr', '?')} ({val}) | "
                      f"{score} | {', '.join(f'{v:.2f}' for v in row['test_top1'])} |")
     if r["proxy_tau"]:
         lines += ["", f"Proxy quality over {len(r['proxy_accuracy'])} random feasible networks, each fully fine-tuned "
@@ -307,6 +364,9 @@ def main() -> None:
     parser.add_argument("--search", default="results/search/split-cifar-naswot-0.5M-60M-all.json",
                         help="a search.json that scored every feasible network (--top-k at least their number)")
     parser.add_argument("--proxy-scores", default=None, help="folder of such search files, one per proxy")
+    parser.add_argument("--random-partition", default=None,
+                        help="a search.json over a random partition (`reassembly partition --random`), same budget: "
+                             "adds the 'random partition + proxy' row")
     parser.add_argument("--out", type=Path, default=Path("runs/split-cifar-table"))
     parser.add_argument("--per-class", type=int, default=PER_CLASS, help="training images per class (smoke runs)")
     parser.add_argument("--epochs", type=int, default=10)
@@ -333,16 +393,18 @@ def main() -> None:
         changed = [key for key, value in asked.items() if plan[key] != value]
         if changed and not args.report_only:
             raise SystemExit(f"{out} holds a plan with other {', '.join(changed)}; use another --out for new settings")
+        if args.random_partition and "random_partition" not in plan and not args.report_only:
+            add_random_partition(plan, args.random_partition)
+            plan_path.write_text(json.dumps(plan, indent=2) + "\n")
     else:
         plan = build_plan(args)
         out.mkdir(parents=True, exist_ok=True)
         plan_path.write_text(json.dumps(plan, indent=2) + "\n")
     if not args.report_only:
-        device = torch.cuda.get_device_name() if torch.cuda.is_available() else \
-            f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
-        (out / "machine.json").write_text(json.dumps({"device": device, "torch": torch.__version__}))
+        if not (out / "machine.json").is_file():  # the table's machine; each run also records its own
+            (out / "machine.json").write_text(json.dumps(this_machine()))
         target_splits(plan["per_class"])  # decode the images once before the workers start
-        failed = launch(stitch_jobs(plan), args, out)
+        failed = launch(stitch_jobs(plan, out), args, out)
         failed += launch(validation_jobs(plan) + proxy_jobs(plan), args, out, then=lambda: final_jobs(plan, out))
         if failed:
             print(f"failed runs: {', '.join(failed)}; see {out}/logs", flush=True)
