@@ -9,7 +9,11 @@ genotype, alphas, logs, network.json; the trained weights as safetensors) into `
     reassembly nas search --space extend --data cifar10 --out runs/nas/extend
     reassembly nas train runs/nas/darts/genotype.json  --data cifar10 --out runs/nas/darts-train  --threads 1
     reassembly nas train runs/nas/extend/genotype.json --data cifar10 --out runs/nas/extend-train --threads 1
+    reassembly nas train DARTS_V2 --data cifar10 --out runs/nas/DARTS_V2-train --threads 2   # reference row
     python benchmarks/nas_table.py --runs runs/nas --out results/nas
+
+The reference row trains the cell published by DARTS (second-order search on a GPU, ``DARTS_V2``) with the same
+recipe, so the two searched cells can be read against a cell found at full scale.
 
 (each command resumes when run again; the defaults are the CPU-sized settings of `reassembly nas search --help`
 and `reassembly nas train --help`).
@@ -32,6 +36,7 @@ from reassembly.nas.genotypes import load_genotype
 from reassembly.nas.network import network_from_structure
 
 SPACES = {"darts": "DARTS's 8 operations", "extend": "those 8 + sg_3x3, sg_5x5"}
+REFERENCES = {"DARTS_V2": "DARTS's published cell (its 8 operations, second-order search at full scale)"}
 SMALL_FILES = ("settings.json", "summary.json", "genotype.json", "alphas.json", "log.jsonl", "network.json",
                "recipe.json", "final.safetensors", "MODEL_CARD.md")
 
@@ -41,21 +46,24 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def arm(runs: Path, space: str) -> dict:
+    """One row: a search and the training of its cell, or (a name of REFERENCES) a published cell's training only."""
     search_dir, train_dir = runs / space, runs / f"{space}-train"
-    search = json.loads((search_dir / "summary.json").read_text())
-    genotype = load_genotype(search_dir / "genotype.json")
-    edges = genotype.normal + genotype.reduce
     structure = json.loads((train_dir / "network.json").read_text())
+    reference = space in REFERENCES
+    search = None if reference else json.loads((search_dir / "summary.json").read_text())
+    genotype = load_genotype(space if reference else search_dir / "genotype.json")
+    edges = genotype.normal + genotype.reduce
     network = network_from_structure(structure).eval()
     train_log = read_jsonl(train_dir / "log.jsonl")
     recipe = json.loads((train_dir / "recipe.json").read_text())
     done = len(train_log) == recipe["recipe"]["epochs"] and (train_dir / "final.safetensors").is_file()
     return {
         "space": space,
-        "operations": SPACES[space],
-        "search": {"settings": search["settings"], "epochs": search["epochs"],
-                   "val_top1": search["final"]["val_top1"], "search_network_parameters": search["search_parameters"],
-                   "seconds": round(sum(e["seconds"] for e in read_jsonl(search_dir / "log.jsonl")), 1)},
+        "operations": REFERENCES[space] if reference else SPACES[space],
+        "search": None if reference else {
+            "settings": search["settings"], "epochs": search["epochs"], "val_top1": search["final"]["val_top1"],
+            "search_network_parameters": search["search_parameters"],
+            "seconds": round(sum(e["seconds"] for e in read_jsonl(search_dir / "log.jsonl")), 1)},
         "genotype": genotype.to_dict(),
         "sandglass_edges": sum(op.startswith("sg_") for op, _ in edges),
         "edges": len(edges),
@@ -71,7 +79,7 @@ def arm(runs: Path, space: str) -> dict:
 
 def copy_small_files(runs: Path, out: Path, spaces: list[str]) -> None:
     for space in spaces:
-        for folder in (space, f"{space}-train"):
+        for folder in ((f"{space}-train",) if space in REFERENCES else (space, f"{space}-train")):
             target = out / "runs" / folder
             target.mkdir(parents=True, exist_ok=True)
             for name in SMALL_FILES:
@@ -98,14 +106,15 @@ def plot_curves(arms: list[dict], path: Path) -> None:
 
 
 def markdown(arms: list[dict], command: str) -> str:
-    first = arms[0]
+    first = next(r for r in arms if r["search"] is not None)
     s, t = first["search"]["settings"], first["training"]["recipe"]
     rows = []
     for r in arms:
         training = r["training"]
         state = "" if training["finished"] else f" (after {training['epochs_done']} of {t['epochs']} epochs: unfinished)"
         final = f"{training['final_test_top1']:.2f}{state}" if training["final_test_top1"] is not None else "not trained"
-        rows.append(f"| {r['space']} | {r['operations']} | {r['search']['val_top1']:.2f} | "
+        searched = f"{r['search']['val_top1']:.2f}" if r["search"] else "(published cell)"
+        rows.append(f"| {r['space']} | {r['operations']} | {searched} | "
                     f"{r['sandglass_edges']} of {r['edges']} | {r['network']['parameters']:,} | "
                     f"{r['network']['macs'] / 1e6:.1f} M | {final} | {training['seconds_per_epoch']:.0f} |")
     return "\n".join([
@@ -113,8 +122,8 @@ def markdown(arms: list[dict], command: str) -> str:
         "",
         f"Command: `{command}`  ",
         f"Machine: the project's shared 2-core {platform.machine()} CPU, torch "
-        f"{torch.__version__}, no GPU; the two trainings ran side by side, one thread each, with other work on the "
-        "machine, so seconds are only roughly comparable.",
+        f"{torch.__version__}, no GPU; the trainings ran with other work on the machine (the two searched cells side "
+        "by side, one thread each; the reference later, two threads), so seconds are only roughly comparable.",
         "",
         f"Search (`reassembly nas search`, first order): {s['cells']} cells, C = {s['channels']}, {s['subset']:,} "
         f"CIFAR-10 training images (half train the weights, half the architecture; the test split is never read), "
@@ -131,6 +140,7 @@ def markdown(arms: list[dict], command: str) -> str:
         *rows,
         "",
         verdict(arms),
+        *reference_note(arms),
         "",
         "DARTS's own setting (50 search epochs on all 50,000 images, 20 cells at C = 36 trained for 600 epochs) is a "
         "GPU-day and was not run here.",
@@ -143,7 +153,7 @@ def markdown(arms: list[dict], command: str) -> str:
 def verdict(arms: list[dict]) -> str:
     """What the table says about the sandglass operations, from its numbers (one search and training per space)."""
     by_space = {r["space"]: r for r in arms}
-    if not {"darts", "extend"} <= set(by_space) or not all(r["training"]["finished"] for r in arms):
+    if not {"darts", "extend"} <= set(by_space) or not all(by_space[k]["training"]["finished"] for k in SPACES):
         return "The trainings are not finished: no comparison yet."
     base, sg = by_space["darts"], by_space["extend"]
     gap = sg["training"]["final_test_top1"] - base["training"]["final_test_top1"]
@@ -163,10 +173,26 @@ def verdict(arms: list[dict]) -> str:
             "the operation.")
 
 
+def reference_note(arms: list[dict]) -> list[str]:
+    """How the searched cells compare with the published ones trained the same way."""
+    searched = {r["space"]: r for r in arms if r["search"] is not None}
+    lines = []
+    for r in arms:
+        if r["search"] is not None or not r["training"]["finished"] or not searched:
+            continue
+        top1 = r["training"]["final_test_top1"]
+        against = ", ".join(f"{space} {a['training']['final_test_top1'] - top1:+.2f}" for space, a in searched.items()
+                            if a["training"]["finished"])
+        lines += ["", f"{r['space']}, {r['operations']}, trained by the same recipe: {top1:.2f} % "
+                  f"({r['network']['parameters']:,} parameters); the searched cells against it: {against} points."]
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, default=Path("runs/nas"))
-    parser.add_argument("--spaces", nargs="+", default=list(SPACES))
+    parser.add_argument("--spaces", nargs="+", default=[*SPACES, *REFERENCES],
+                        help=f"search spaces ({', '.join(SPACES)}) and published cells ({', '.join(REFERENCES)})")
     parser.add_argument("--out", type=Path, default=Path("results/nas"))
     args = parser.parse_args()
     arms = [arm(args.runs, space) for space in args.spaces]
