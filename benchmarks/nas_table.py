@@ -123,7 +123,8 @@ def markdown(arms: list[dict], command: str) -> str:
         f"Command: `{command}`  ",
         f"Machine: the project's shared 2-core {platform.machine()} CPU, torch "
         f"{torch.__version__}, no GPU; the trainings ran with other work on the machine (the two searched cells side "
-        "by side, one thread each; the reference later, two threads), so seconds are only roughly comparable.",
+        "by side, one thread each; the reference later, two threads for 2 epochs, then resumed with one), so "
+        "seconds are only roughly comparable.",
         "",
         f"Search (`reassembly nas search`, first order): {s['cells']} cells, C = {s['channels']}, {s['subset']:,} "
         f"CIFAR-10 training images (half train the weights, half the architecture; the test split is never read), "

@@ -48,6 +48,8 @@ from pathlib import Path
 import torch
 from common import Job, run_processes, write_report
 
+from reassembly.io import write_text
+
 TARGET = "cifar10[5:10]"
 PER_CLASS = 1000  # DESIGN.md's protocol; --per-class changes it for smoke runs only
 
@@ -231,7 +233,7 @@ def run_job(plan: dict, job: dict, out: Path, threads: int) -> None:
     model = model_for(plan, job, out)
     run_dir = out / "runs" / job["name"]
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "device.json").write_text(json.dumps(this_machine()) + "\n")
+    write_text(run_dir / "device.json", json.dumps(this_machine()) + "\n")
     train_classifier(model, splits[job["train"]], splits[job["eval"]], recipe(job["epochs"], job["lr"]),
                      run_dir, seed=job["seed"], progress=False, metadata={"job": job})
 
@@ -402,7 +404,7 @@ def main() -> None:
         plan_path.write_text(json.dumps(plan, indent=2) + "\n")
     if not args.report_only:
         if not (out / "machine.json").is_file():  # the table's machine; each run also records its own
-            (out / "machine.json").write_text(json.dumps(this_machine()))
+            write_text(out / "machine.json", json.dumps(this_machine()))
         target_splits(plan["per_class"])  # decode the images once before the workers start
         failed = launch(stitch_jobs(plan, out), args, out)
         failed += launch(validation_jobs(plan) + proxy_jobs(plan), args, out, then=lambda: final_jobs(plan, out))
