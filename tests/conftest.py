@@ -28,6 +28,20 @@ def _seed():
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _ctrl_c_as_at_a_terminal():
+    """A suite started in the background (`make test &` in a script) inherits SIGINT ignored, and so would every
+    command it starts; the interruption tests need Ctrl-C to mean what it means at a terminal."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _quiet_cache(tmp_path_factory):
     """Keep decoded datasets in the user's cache (shared across runs) unless a test overrides it."""
     os.environ.setdefault("REASSEMBLY_CACHE", str(Path.home() / ".cache" / "reassembly"))

@@ -170,3 +170,15 @@ def test_ctrl_c_inside_a_deferred_block_waits_for_its_end():
         steps.append("after the signal")  # still runs: the state update is finished first
     assert steps == ["after the signal"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_deferred_block_keeps_ignoring_ctrl_c_in_a_process_told_to_ignore_it():
+    from reassembly.io import interrupts_deferred
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with interrupts_deferred():
+            signal.raise_signal(signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)

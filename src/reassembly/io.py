@@ -108,11 +108,12 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
 @contextlib.contextmanager
 def interrupts_deferred():
     """Hold Ctrl-C (SIGINT) until the block ends, then raise it: an in-memory state the block updates in several
-    steps is never saved half updated. Outside the main thread, where signals cannot be handled, a plain block."""
+    steps is never saved half updated. Outside the main thread, where signals cannot be handled, and in a process
+    told to ignore SIGINT (started in the background by a script), a plain block."""
     import signal
     import threading
 
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         yield
         return
     caught = []
