@@ -37,7 +37,7 @@ test: setup data browser
 test-slow: setup data
 	$(BIN)/pytest -q -m slow
 
-# Every benchmark protocol behind results/ that takes minutes (benchmarks/run_all.py --list shows all of them, the
+# Every benchmark protocol behind results/ that takes minutes to an hour (benchmarks/run_all.py --list shows all of them, the
 # training-heavy ones included, with their costs; `python benchmarks/run_all.py` runs everything)
 bench: setup data
 	PYTHONPATH=src:benchmarks $(BIN)/python benchmarks/run_all.py --skip-heavy
