@@ -40,6 +40,7 @@ from reassembly.lego import (
     locate_component,
     scale_head,
 )
+from reassembly.lego.report import logits_in_batches
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import write_report
@@ -68,11 +69,9 @@ def cli(args: list[str], threads: int) -> tuple[list[str], float]:
     return command, round(time.perf_counter() - started, 1)
 
 
-@torch.no_grad()
 def logits_of(model, images, batch_size=500):
-    model.eval()
-    x = Preprocess(*normalization_of(model))(images)
-    return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    """The model's logits for raw test images, standardised the way the model expects."""
+    return logits_in_batches(model, Preprocess(*normalization_of(model))(images), batch_size)
 
 
 def score(model, test, components_classes) -> dict:

@@ -38,6 +38,7 @@ from reassembly.lego.extract import (
     save_component,
 )
 from reassembly.lego.locate import locate_component
+from reassembly.lego.report import logits_in_batches
 from reassembly.train.evaluate import resolve_normalization
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -50,11 +51,6 @@ MODELS = {
     "mobilenetv2_cifar10": {"pretrained": True},
 }
 SETTINGS = {"official": ({}, {}), "conv 0.1/0.0": ({"conv": 0.1}, {"conv": 0.0}), "calibrated": None}
-
-
-@torch.no_grad()
-def logits_of(model, x, batch_size=500):
-    return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
 def pool_indices(train, per_class: int, seed: int = 0):
@@ -78,7 +74,7 @@ def run_model(name, classes, per_class, pool, train, pool_index, held_out, test)
     rows = torch.nonzero(torch.isin(test.labels, torch.tensor(classes)))[:, 0]
     x = Preprocess(mean, std)(test.images[rows])
     local = torch.tensor([classes.index(int(c)) for c in test.labels[rows]])
-    full = logits_of(model, x)
+    full = logits_in_batches(model, x)
     params, macs = count_params_macs(model, tuple(test.image_size))
     base = {
         "model": name, "classes": classes, "per_class": per_class, "pool": pool, "test_images": len(rows),
@@ -100,13 +96,13 @@ def run_model(name, classes, per_class, pool, train, pool_index, held_out, test)
                                      beta=thresholds[1], model_name=name)
         component = extract_component(model, masks)
         t_extract = time.perf_counter() - t1
-        got = logits_of(component, x)
+        got = logits_in_batches(component, x)
         masked = masked_logits(model, masks, x, "in")[:, classes]
         c_params, c_macs = count_params_macs(component, tuple(test.image_size))
         with tempfile.TemporaryDirectory() as tmp:
             save_component(component, tmp)
             again = load_component(tmp)
-            reload_equal = bool(torch.equal(logits_of(again, x[:200]), got[:200]))
+            reload_equal = bool(torch.equal(logits_in_batches(again, x[:200]), got[:200]))
         out.append({**base, "setting": setting, "alpha": masks.alpha, "beta": masks.beta,
                     "component": round(100 * (got.argmax(1) == local).double().mean().item(), 2),
                     "component_params": c_params, "component_macs": c_macs,
