@@ -5,7 +5,8 @@ images per chosen class (the most confident, from a seeded draw of ``--pool`` tr
 contributions, locate the component at the official thresholds (conv 0.3/0.2, linear 0.4/0.3), at the milder
 conv 0.1/0.0, and at the thresholds ``reassembly.lego.calibrate_thresholds`` picks (the fewest parameters over its
 grid whose accuracy on ``--held-out`` other training images per class, never test images, is at least the
-original's on the same images), physically extract it (``reassembly.lego.extract``) and evaluate it on every
+original's on the same images; where no grid point is, the best one with the layers whose pruning costs accuracy
+kept whole), physically extract it (``reassembly.lego.extract``) and evaluate it on every
 CIFAR-10 test image of those classes. The original is scored with the argmax over the chosen classes' logits only ("restricted": the same
 decision the component's head makes) and, for reference, over all logits. Params count every parameter; MACs count
 conv/linear multiply-accumulates for one 32x32 image. ``mask_vs_component`` is the largest logit difference
@@ -131,7 +132,9 @@ def markdown(record) -> str:
         setting = r["setting"]
         if r.get("calibration"):
             a, b = r["alpha"], r["beta"]
-            setting += f" (conv {a['conv']}/{b['conv']}, linear {a['linear']}/{b['linear']})"
+            whole = r["calibration"].get("kept_whole") or []
+            setting += (f" (conv {a['conv']}/{b['conv']}, linear {a['linear']}/{b['linear']}"
+                        f"{', kept whole: ' + ', '.join(whole) if whole else ''})")
         lines.append(
             f"| {r['model']} | {setting} | {r['original_all_logits']} | {r['original_restricted']} | "
             f"{r['component']} | {ok} | {r['component_params'] / 1e6:.3f} M / {r['original_params'] / 1e6:.3f} M "
@@ -140,16 +143,23 @@ def markdown(record) -> str:
     lines += ["", ("Calibration (`reassembly.lego.calibrate_thresholds`): held-out training images of the chosen classes "
                    "(not among the contribution samples, not test images); the original's accuracy on them (argmax "
                    "over the chosen classes) is the target; grid points are tried from the fewest parameters up "
-                   "until one reaches it:"), "",
+                   "until one reaches it; if none does, each layer the most accurate one prunes is scored alone, and "
+                   "the layers whose pruning costs accuracy are kept whole, costliest first, until the target is "
+                   "reached (held-out accuracy after each restoration in brackets):"), "",
               ("| model | held-out images | original (held-out) | chosen: component (held-out) | target met | "
-               "grid points evaluated |"), "|---|---|---|---|---|---|"]
+               "grid points evaluated | layers scored alone, then restored |"), "|---|---|---|---|---|---|---|"]
     for r in record["rows"]:
         cal = r.get("calibration")
         if cal:
-            evaluated = sum(t["accuracy"] is not None and t["same_as"] is None for t in cal["tried"])
+            grid = [t for t in cal["tried"] if not t.get("kept_whole")]
+            evaluated = sum(t["accuracy"] is not None and t["same_as"] is None for t in grid)
+            restored = [t for t in cal["tried"] if t.get("kept_whole")]
+            costs = cal.get("layer_costs") or {}
+            repair = (f"{len(costs)}, then {len(restored)} ("
+                      + ", ".join(f"{t['kept_whole'][-1]}: {t['accuracy']}" for t in restored) + ")") if costs else "-"
             lines.append(f"| {r['model']} | {cal['held_out_images']} | {cal['original_accuracy']} | "
                          f"{cal['tried'][cal['chosen']]['accuracy']} | {'yes' if cal['met'] else '**no**'} | "
-                         f"{evaluated} of {len(cal['tried'])} |")
+                         f"{evaluated} of {len(grid)} | {repair} |")
     return "\n".join(lines) + "\n"
 
 

@@ -277,6 +277,57 @@ def test_calibration_with_a_lenient_target_takes_the_cheapest_and_an_unreachable
     assert not strict.met and strict.original_accuracy == 100.0
 
 
+def test_calibration_restores_the_layers_whose_pruning_costs_accuracy():
+    model, contributions, held = _calibration_case(2)
+    classes = [2, 7]
+    x = ra.data.Preprocess(*ra.data.normalization_of(model))(held.images)
+    own = torch.tensor(classes)[_logits(model, x)[:, classes].argmax(1)]
+    mine = ImageDataset(held.images, own, held.classes, "synthetic")  # the original scores 100 % on these
+    grid = {"conv": [(0.5, 0.5)], "linear": [(0.5, 0.5)]}
+    with pytest.warns(UserWarning, match="no threshold pair of the grid keeps"):
+        plain = calibrate_thresholds(model, contributions, classes, mine, grid=grid, input_size=(3, SIZE, SIZE),
+                                     restore=False)
+    assert not plain.met and len(plain.tried) == 1 and plain.layer_costs == {}
+    calibration = calibrate_thresholds(model, contributions, classes, mine, grid=grid, input_size=(3, SIZE, SIZE))
+    grid_point, *restored = calibration.tried
+    assert grid_point["accuracy"] < calibration.target and grid_point["kept_whole"] == []
+    # every layer the grid point prunes is scored alone; the costly ones are restored, costliest first
+    pruned = [n for n, layer in plain.masks.layers.items() if len(layer.keep_in) < layer.in_channels]
+    assert list(calibration.layer_costs) == pruned
+    costly = sorted((n for n in pruned if calibration.layer_costs[n] > 0), key=lambda n: -calibration.layer_costs[n])
+    assert restored and [r["kept_whole"] for r in restored] == [costly[:k] for k in range(1, len(restored) + 1)]
+    assert calibration.met and calibration.chosen == len(calibration.tried) - 1
+    assert all(r["accuracy"] < calibration.target for r in restored[:-1])
+    masks = calibration.masks
+    assert masks.kept_whole == restored[-1]["kept_whole"]
+    assert all(len(masks.layers[n].keep_in) == masks.layers[n].in_channels for n in masks.kept_whole)
+    # its accuracy is the masked model's, and the extracted component computes exactly that
+    acc = 100 * (masked_logits(model, masks, x).argmax(1) == own.eq(classes[1]).long()).double().mean().item()
+    assert restored[-1]["accuracy"] == pytest.approx(acc, abs=0.01) and acc >= calibration.target
+    component = extract_component(model, masks)
+    torch.testing.assert_close(_logits(component, x), masked_logits(model, masks, x), rtol=1e-4, atol=1e-4)
+    assert mask_cost(model, masks)[0] < sum(p.numel() for p in model.parameters())
+
+
+def test_locate_keeps_named_layers_whole_and_records_them():
+    from reassembly.lego.locate import ComponentMasks
+
+    name, kwargs = ARCHS["vgg"]
+    torch.manual_seed(0)
+    model = _randomise_bn(ra.create_model(name, **kwargs))
+    contributions = accumulate_contributions(model, torch.randn(40, 3, SIZE, SIZE), torch.arange(40) % 10, 10)
+    harsh = {"conv": 0.6, "linear": 0.6}
+    pruned = locate_component(model, contributions, [1, 4], input_size=(3, SIZE, SIZE), alpha=harsh, beta=harsh)
+    layer = next(n for n, m in pruned.layers.items() if len(m.keep_in) < m.in_channels)
+    masks = locate_component(model, contributions, [1, 4], input_size=(3, SIZE, SIZE), alpha=harsh, beta=harsh,
+                             keep_whole=[layer])
+    assert masks.layers[layer].keep_in == list(range(masks.layers[layer].in_channels))
+    assert masks.kept_whole == [layer] and pruned.kept_whole == []
+    assert ComponentMasks.from_dict(json.loads(json.dumps(masks.to_dict()))).kept_whole == [layer]
+    with pytest.raises(ReassemblyError, match="'features.99'"):
+        locate_component(model, contributions, [1, 4], input_size=(3, SIZE, SIZE), keep_whole=["features.99"])
+
+
 # ------------------------------------------------------------------------------------------ routes and the report
 def test_route_picture_and_compression_report(tmp_path):
     name, kwargs = ARCHS["vgg"]

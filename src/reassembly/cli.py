@@ -768,6 +768,9 @@ UNIT = click.FloatRange(0, 1, max_open=True)
                    "that fits its training set, 500 per class can separate grid points by 1-3 images.")
 @click.option("--tolerance", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="With --calibrate: accuracy points the component may lose on the held-out images.")
+@click.option("--restore/--no-restore", default=True, show_default=True,
+              help="With --calibrate, when no grid point reaches the target: score each layer's pruning alone and "
+                   "keep the costly layers whole, costliest first, until the component reaches it.")
 @click.option("--alpha-conv", type=UNIT, default=None, help="alpha for conv layers' inputs (paper: 0.3).")
 @click.option("--beta-conv", type=UNIT, default=None, help="beta for conv layers' inputs (paper: 0.2).")
 @click.option("--alpha-linear", type=UNIT, default=None, help="alpha for linear layers' inputs (paper: 0.4).")
@@ -779,7 +782,7 @@ UNIT = click.FloatRange(0, 1, max_open=True)
 @click.option("--threads", type=POSITIVE, default=None, help="torch CPU threads (default: torch's choice).")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Folder holding the datasets.")
 def disassemble_cmd(model_name, checkpoint, classes, data_spec, out_dir, per_class, max_per_class, calibrate,
-                    held_out, tolerance, alpha_conv, beta_conv, alpha_linear, beta_linear, evaluate, seed, overwrite,
+                    held_out, tolerance, restore, alpha_conv, beta_conv, alpha_linear, beta_linear, evaluate, seed, overwrite,
                     threads, data_root):
     """Model LEGO: cut the component for some classes out of a trained CNN, without training.
 
@@ -826,8 +829,8 @@ def disassemble_cmd(model_name, checkpoint, classes, data_spec, out_dir, per_cla
     train = load_dataset(data_spec, "train", root=data_root, image_size=size[1], channels=size[0],
                          max_per_class=max_per_class, seed=seed)
     result = disassemble(model, train, classes, per_class=per_class, alpha=alpha, beta=beta, calibrate=calibrate,
-                         held_out=held_out, tolerance=tolerance, seed=seed, input_size=size, model_name=model_name,
-                         dataset=train.name)
+                         held_out=held_out, tolerance=tolerance, restore=restore, seed=seed, input_size=size,
+                         model_name=model_name, dataset=train.name)
     test = load_dataset(data_spec, "test", root=data_root, image_size=size[1], channels=size[0]) if evaluate else None
     info = {"model": model_name, "checkpoint": checkpoint, "data": train.name, "train_images": len(train),
             "seed": seed}

@@ -9,12 +9,20 @@ by masking the full model (every dropped input channel of every conv/linear zero
 classes; exactly what extraction computes, see ``tests/test_lego.py``) on held-out training images of the chosen
 classes: images that were not among the contribution samples. The first candidate whose accuracy is at least the
 original's on the same images, with its argmax restricted to the same classes, minus ``tolerance`` points, is
-chosen. If none is, the most accurate one (the cheapest among equals) is chosen, ``met`` is False and a warning says
-so. The test split is never touched.
+chosen.
+
+If no grid point is accurate enough, the most accurate one is repaired layer by layer (``restore``): each layer it
+prunes is scored alone (only that layer's dropped inputs zeroed), and the layers whose pruning alone costs held-out
+accuracy are restored whole (:func:`~reassembly.lego.locate.locate_component`'s ``keep_whole``), the costliest
+first, until the component reaches the target. MDA's thresholds are global, but what a dropped channel costs is
+not: on ``vgg16_cifar10`` one early layer loses most of what the whole component loses (``docs/lego.md``). If that
+does not reach the target either, the most accurate candidate tried (the cheapest among equals) is chosen, ``met`` is
+False and a warning says so. The test split is never touched.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import warnings
 from dataclasses import dataclass, field
@@ -42,7 +50,9 @@ GRID = {
 class Calibration:
     """The chosen component and everything tried. ``tried`` rows: alpha, beta, params/macs (counted from the masks:
     conv/linear weights and biases, batch-norm affine), ``accuracy`` on the held-out images (None: not evaluated,
-    a cheaper candidate already met the target), ``same_as`` (the cheaper candidate with identical masks)."""
+    a cheaper candidate already met the target), ``same_as`` (the cheaper candidate with identical masks) and
+    ``kept_whole`` (layers restored whole; empty for grid points). ``layer_costs``: when the grid fell short, the
+    held-out accuracy points each layer of the best grid point loses when it alone is pruned."""
 
     masks: ComponentMasks
     met: bool
@@ -51,11 +61,13 @@ class Calibration:
     held_out_images: int
     chosen: int
     tried: list[dict] = field(default_factory=list)
+    layer_costs: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"met": self.met, "original_accuracy": self.original_accuracy, "target": self.target,
                 "held_out_images": self.held_out_images, "chosen": self.chosen,
-                "alpha": self.masks.alpha, "beta": self.masks.beta, "tried": self.tried}
+                "alpha": self.masks.alpha, "beta": self.masks.beta, "kept_whole": self.masks.kept_whole,
+                "tried": self.tried, "layer_costs": self.layer_costs}
 
 
 def held_out_indices(dataset: ImageDataset, classes, exclude, per_class: int, seed: int = 0) -> torch.Tensor:
@@ -147,11 +159,14 @@ def _accuracy(logits: torch.Tensor, local: torch.Tensor) -> float:
 
 def calibrate_thresholds(model: nn.Module, contributions: Contributions, classes, held_out: ImageDataset, *,
                          grid: dict | None = None, tolerance: float = 0.0, mean=None, std=None,
-                         input_size=(3, 32, 32), model_name: str = "model", batch_size: int = 500) -> Calibration:
+                         input_size=(3, 32, 32), model_name: str = "model", batch_size: int = 500,
+                         restore: bool = True) -> Calibration:
     """The cheapest grid point whose component is at least as accurate as the original on ``held_out`` (see the
     module docstring). ``held_out`` holds training images with the model's own labels (full label space) that were
     not contribution samples, e.g. ``dataset.subset(held_out_indices(...))``; only images of ``classes`` count.
-    ``grid`` maps "conv"/"linear" to lists of (alpha, beta) pairs (default :data:`GRID`)."""
+    ``grid`` maps "conv"/"linear" to lists of (alpha, beta) pairs (default :data:`GRID`). ``restore``: when no grid
+    point is accurate enough, restore the layers whose pruning costs accuracy (module docstring); costs one pass over
+    the held-out images per layer the best grid point prunes, plus one per layer restored."""
     grid = {**GRID, **(grid or {})}
     for kind, pairs in grid.items():
         if kind not in ("conv", "linear") or not pairs:
@@ -196,8 +211,33 @@ def calibrate_thresholds(model: nn.Module, contributions: Contributions, classes
     met = chosen is not None
     if not met:
         chosen = min(scores, key=lambda i: (-scores[i], candidates[i]["params"], candidates[i]["macs"], i))
+    costs = {}
+    if not met and restore:
+        best = candidates[chosen]["_masks"]
+        pruned = [name for name, layer in best.layers.items() if len(layer.keep_in) < layer.in_channels]
+        for name in pruned:
+            alone = dataclasses.replace(best, layers={name: best.layers[name]})
+            costs[name] = round(original - _accuracy(masked_logits(model, alone, inputs, batch_size), local), 2)
+        costly = sorted((n for n in pruned if costs[n] > 0), key=lambda n: (-costs[n], pruned.index(n)))
+        for k in range(1, len(costly) + 1):
+            masks = locate_component(model, contributions, classes, input_size=input_size, alpha=best.alpha,
+                                     beta=best.beta, model_name=model_name, graph=graph, keep_whole=costly[:k])
+            params, macs = mask_cost(model, masks, input_size)
+            accuracy = _accuracy(masked_logits(model, masks, inputs, batch_size), local)
+            candidates.append({"alpha": best.alpha, "beta": best.beta, "params": params, "macs": macs,
+                               "accuracy": accuracy, "same_as": None, "_masks": masks})
+            scores[len(candidates) - 1] = accuracy
+            if accuracy >= target:
+                chosen, met = len(candidates) - 1, True
+                break
+        if not met:
+            chosen = min(scores, key=lambda i: (-scores[i], candidates[i]["params"], candidates[i]["macs"], i))
+    if not met:
         warnings.warn(f"{model_name}: no threshold pair of the grid keeps the original's held-out accuracy "
-                      f"({original:.2f} %, target {target:.2f} %) for classes {classes}; using the most accurate "
-                      f"({scores[chosen]:.2f} %)", stacklevel=2)
-    tried = [{k: v for k, v in row.items() if not k.startswith("_")} for row in candidates]
-    return Calibration(candidates[chosen]["_masks"], met, original, round(target, 2), len(rows), chosen, tried)
+                      f"({original:.2f} %, target {target:.2f} %) for classes {classes}"
+                      f"{', nor restoring the layers whose pruning costs accuracy' if restore else ''}; using the "
+                      f"most accurate ({scores[chosen]:.2f} %)", stacklevel=2)
+    tried = [{**{k: v for k, v in row.items() if not k.startswith("_")}, "kept_whole": row["_masks"].kept_whole}
+             for row in candidates]
+    return Calibration(candidates[chosen]["_masks"], met, original, round(target, 2), len(rows), chosen, tried,
+                       costs)

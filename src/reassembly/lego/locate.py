@@ -93,6 +93,7 @@ class ComponentMasks:
     input_size: list[int]
     layers: dict[str, LayerMask]
     model: str = ""
+    kept_whole: list[str] = field(default_factory=list)  # layers told to keep every input (calibration's restore)
 
     def kept_fraction(self) -> dict[str, float]:
         return {name: len(l.keep_out) / l.out_channels for name, l in self.layers.items()}
@@ -108,7 +109,7 @@ class ComponentMasks:
             raise ReassemblyError(f"not a component mask record (format {data.get('format')!r}, expected {FORMAT})")
         layers = {name: LayerMask(**info) for name, info in data["layers"].items()}
         fields = {k: data[k] for k in ("classes", "num_classes", "alpha", "beta", "input_size", "model")}
-        return cls(layers=layers, **fields)
+        return cls(layers=layers, kept_whole=list(data.get("kept_whole", [])), **fields)
 
     def save(self, path) -> None:
         with atomic_path(path) as tmp:
@@ -326,12 +327,14 @@ def _check_classes(classes, contributions: Contributions, model_name: str) -> li
 
 def locate_component(model: nn.Module, contributions: Contributions, classes, *, input_size=(3, 32, 32),
                      alpha: dict | None = None, beta: dict | None = None, model_name: str = "model",
-                     graph=None) -> ComponentMasks:
+                     graph=None, keep_whole=()) -> ComponentMasks:
     """The channels of every conv/linear layer of ``model`` that the component for ``classes`` keeps (MDA step 3).
 
     ``alpha``/``beta`` override the official thresholds per layer kind (``{"conv": ..., "linear": ...}``).
     ``graph``: the result of :func:`channel_graph` for this model and input size, to trace it only once when
-    locating many times."""
+    locating many times. ``keep_whole``: names of layers that keep every input channel, as if each chosen class
+    relied on all of them; their producers are then located for the full demand (threshold calibration uses this to
+    restore the layers whose pruning costs accuracy)."""
     alpha, beta = {**ALPHA, **(alpha or {})}, {**BETA, **(beta or {})}
     classes = _check_classes(classes, contributions, model_name)
     graph, flows = graph if graph is not None else channel_graph(model, tuple(input_size), model_name)
@@ -343,6 +346,11 @@ def locate_component(model: nn.Module, contributions: Contributions, classes, *,
     if flows[logits].channels != contributions.num_classes:
         raise ReassemblyError(f"{model_name} outputs {flows[logits].channels} logits but the contributions cover "
                               f"{contributions.num_classes} classes; compute them on the same model")
+    keep_whole = list(dict.fromkeys(keep_whole))
+    unknown = [name for name in keep_whole if name not in {f.layer for f in flows.values() if f.layer}]
+    if unknown:
+        raise ReassemblyError(f"{model_name}: keep_whole names {unknown[0]!r}, which is not a conv/linear layer of "
+                              "the model")
     missing = [f.layer for f in flows.values() if f.layer and f.layer not in contributions.layers]
     if missing:
         raise ReassemblyError(f"{model_name}: no contributions for layer {missing[0]}; compute them on this model "
@@ -361,7 +369,10 @@ def locate_component(model: nn.Module, contributions: Contributions, classes, *,
             contribution = contributions.layers[flow.layer]
             kind = contribution.kind
             source = inputs[0][0]
-            mask = relevant_inputs(contribution, classes, wanted, alpha[kind], beta[kind])
+            if flow.layer in keep_whole:
+                mask = torch.ones(n, flows[source].channels, dtype=torch.bool)
+            else:
+                mask = relevant_inputs(contribution, classes, wanted, alpha[kind], beta[kind])
             relevant[flow.layer] = mask
             inputs = [(source, None)]
         for source, index in inputs:
@@ -426,4 +437,5 @@ def locate_component(model: nn.Module, contributions: Contributions, classes, *,
         layers[flow.layer] = LayerMask(
             contribution.kind, contribution.groups, contribution.in_channels, contribution.out_channels, keep_in,
             keep_out, {str(c): torch.nonzero(per_class[i])[:, 0].tolist() for i, c in enumerate(classes)})
-    return ComponentMasks(classes, contributions.num_classes, alpha, beta, list(input_size), layers, model_name)
+    return ComponentMasks(classes, contributions.num_classes, alpha, beta, list(input_size), layers, model_name,
+                          keep_whole)

@@ -171,11 +171,13 @@ def report_markdown(report: dict, title: str = "MDA component") -> str:
         lines.append(f"| all | {acc['images']} | {acc['original']:.2f} | {acc['component']:.2f} |")
     cal = report.get("calibration")
     if cal:
-        verdict = "met" if cal["met"] else "**not met** by any grid point (the most accurate one is used)"
+        verdict = "met" if cal["met"] else "**not met** by any candidate (the most accurate one is used)"
+        whole = cal.get("kept_whole") or []
+        restored = f"; layers kept whole: {', '.join(whole)}" if whole else ""
         lines += ["", (f"Thresholds calibrated on {cal['held_out_images']} held-out training images: original "
                        f"{cal['original_accuracy']:.2f} %, target {cal['target']:.2f} % {verdict}; chosen conv "
                        f"{cal['alpha']['conv']}/{cal['beta']['conv']}, linear {cal['alpha']['linear']}/"
-                       f"{cal['beta']['linear']} (alpha/beta).")]
+                       f"{cal['beta']['linear']} (alpha/beta){restored}.")]
     elif report.get("thresholds"):
         t = report["thresholds"]
         lines += ["", (f"Thresholds (alpha/beta): conv {t['alpha']['conv']}/{t['beta']['conv']}, linear "
