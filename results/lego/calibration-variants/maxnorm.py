@@ -1,7 +1,8 @@
 """Exploration (training data only): MDA's count normalisation as in the 2022 code (divide by the max, min taken as 0),
-so beta 0 keeps every input counted at least once. Held-out = every training image of the classes outside the pool."""
+so beta 0 keeps every input counted at least once. Held-out = every training image of the classes outside the pool.
+Optional arguments 3 and 4: contribution samples per class (50) and the pool they are drawn from per class (300)."""
 import sys, time, json
-sys.path.insert(0, "/work/main/benchmarks")
+import os; sys.path.insert(0, os.path.abspath(__file__).rsplit("/results/", 1)[0] + "/benchmarks")
 import torch
 import reassembly as ra
 from reassembly.data import Preprocess
@@ -31,13 +32,13 @@ L.relevant_inputs = relevant_inputs
 torch.set_num_threads(1)
 classes = [0, 1, 2]
 train = ra.load_dataset("cifar10", "train")
-pool_index = pool_indices(train, 300)
+pool_index = pool_indices(train, int(sys.argv[4]) if len(sys.argv) > 4 else 300)
 name = sys.argv[1]
 points = json.loads(sys.argv[2])  # [[mode, ca, cb, la, lb], ...]
 model = ra.create_model(name, **MODELS[name]).eval()
 mean, std = resolve_normalization(model, None, None)
 pool = train.subset(pool_index)
-chosen = select_samples(model, pool, 50, classes=classes)
+chosen = select_samples(model, pool, int(sys.argv[3]) if len(sys.argv) > 3 else 50, classes=classes)
 index, labels = chosen.flat()
 contrib = accumulate_contributions(model, Preprocess(mean, std)(pool.images[index]), labels, pool.num_classes)
 rest = held_out_indices(train, classes, pool_index, 5000, seed=0)

@@ -1,6 +1,6 @@
 """Diagnostic (training data only): held-out accuracy with one layer's mask applied at a time, and with all but one."""
 import sys, time, json, copy
-sys.path.insert(0, "/work/main/benchmarks")
+import os; sys.path.insert(0, os.path.abspath(__file__).rsplit("/results/", 1)[0] + "/benchmarks")
 import torch
 import reassembly as ra
 from reassembly.data import Preprocess
