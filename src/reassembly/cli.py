@@ -843,8 +843,14 @@ def disassemble_cmd(model_name, checkpoint, classes, data_spec, out_dir, per_cla
         cal = report["calibration"]
         click.echo(f"thresholds calibrated on {cal['held_out_images']} held-out training images: conv "
                    f"{cal['alpha']['conv']}/{cal['beta']['conv']}, linear {cal['alpha']['linear']}/"
-                   f"{cal['beta']['linear']}; {cal['tried'][cal['chosen']]['accuracy']:.2f} % against the original's "
+                   f"{cal['beta']['linear']}" + (f", layers kept whole: {', '.join(cal['kept_whole'])}"
+                                                  if cal.get("kept_whole") else "") +
+                   f"; {cal['tried'][cal['chosen']]['accuracy']:.2f} % against the original's "
                    f"{cal['original_accuracy']:.2f} %" + ("" if cal["met"] else " (target NOT met)"))
+        costs = cal.get("layer_costs") or {}
+        if not cal["met"] and costs and not any(cost > 0 for cost in costs.values()):
+            click.echo("no single layer's pruning costs held-out accuracy on its own, so none was restored: the loss "
+                       "comes from several layers together; try --tolerance or other thresholds")
     if "accuracy" in report:
         acc = report["accuracy"]
         click.echo(f"test accuracy on classes {report['classes']}: component {acc['component']:.2f} %, original "
