@@ -782,8 +782,8 @@ UNIT = click.FloatRange(0, 1, max_open=True)
 @click.option("--threads", type=POSITIVE, default=None, help="torch CPU threads (default: torch's choice).")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Folder holding the datasets.")
 def disassemble_cmd(model_name, checkpoint, classes, data_spec, out_dir, per_class, max_per_class, calibrate,
-                    held_out, tolerance, restore, alpha_conv, beta_conv, alpha_linear, beta_linear, evaluate, seed, overwrite,
-                    threads, data_root):
+                    held_out, tolerance, restore, alpha_conv, beta_conv, alpha_linear, beta_linear, evaluate, seed,
+                    overwrite, threads, data_root):
     """Model LEGO: cut the component for some classes out of a trained CNN, without training.
 
     The most confident correctly classified training images of each class give every conv/linear layer's
