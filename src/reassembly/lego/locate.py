@@ -347,7 +347,8 @@ def locate_component(model: nn.Module, contributions: Contributions, classes, *,
         raise ReassemblyError(f"{model_name} outputs {flows[logits].channels} logits but the contributions cover "
                               f"{contributions.num_classes} classes; compute them on the same model")
     keep_whole = list(dict.fromkeys(keep_whole))
-    unknown = [name for name in keep_whole if name not in {f.layer for f in flows.values() if f.layer}]
+    layer_names = {f.layer for f in flows.values() if f.layer}
+    unknown = [name for name in keep_whole if name not in layer_names]
     if unknown:
         raise ReassemblyError(f"{model_name}: keep_whole names {unknown[0]!r}, which is not a conv/linear layer of "
                               "the model")
