@@ -63,7 +63,7 @@ def pool_indices(train, per_class: int, seed: int = 0):
                                    for c in range(train.num_classes)]))
 
 
-def run_model(name, classes, per_class, pool, train, pool_index, held_out, test) -> list[dict]:
+def run_model(name, classes, per_class, pool, train, pool_index, held_out, test, match_loss=False) -> list[dict]:
     t0 = time.perf_counter()
     train_pool = train.subset(pool_index)
     model = ra.create_model(name, **MODELS[name]).eval()
@@ -90,7 +90,8 @@ def run_model(name, classes, per_class, pool, train, pool_index, held_out, test)
         if thresholds is None:  # held out: training images of the classes outside the pool (never test images)
             rest = held_out_indices(train, classes, pool_index, held_out, seed=0)
             calibration = calibrate_thresholds(model, contrib, classes, train.subset(rest),
-                                               input_size=tuple(test.image_size), model_name=name)
+                                               input_size=tuple(test.image_size), model_name=name,
+                                               match_loss=match_loss)
             masks = calibration.masks
         else:
             masks = locate_component(model, contrib, classes, input_size=tuple(test.image_size), alpha=thresholds[0],
@@ -145,7 +146,11 @@ def markdown(record) -> str:
                    "over the chosen classes) is the target; grid points are tried from the fewest parameters up "
                    "until one reaches it; if none does, each layer the most accurate one prunes is scored alone, and "
                    "the layers whose pruning costs accuracy are kept whole, costliest first, until the target is "
-                   "reached (held-out accuracy after each restoration in brackets):"), "",
+                   "reached (held-out accuracy after each restoration in brackets)"
+                   + (". With `--match-loss` the component's held-out cross-entropy over the classes must not exceed "
+                      "the original's either, and every pruned layer is restored in the order of the loss its "
+                      "pruning alone adds (held-out accuracy / cross-entropy in brackets)."
+                      if record.get("match_loss") else "") + ":"), "",
               ("| model | held-out images | original (held-out) | chosen: component (held-out) | target met | "
                "grid points evaluated | layers scored alone, then restored |"), "|---|---|---|---|---|---|---|"]
     for r in record["rows"]:
@@ -156,11 +161,18 @@ def markdown(record) -> str:
             restored = [t for t in cal["tried"] if t.get("kept_whole")]
             costs = cal.get("layer_costs") or {}
             repair = (f"{len(costs)}, then {len(restored)} ("
-                      + ", ".join(f"{t['kept_whole'][-1]}: {t['accuracy']}" for t in restored) + ")") if costs else "-"
-            lines.append(f"| {r['model']} | {cal['held_out_images']} | {cal['original_accuracy']} | "
-                         f"{cal['tried'][cal['chosen']]['accuracy']} | {'yes' if cal['met'] else '**no**'} | "
+                      + ", ".join(f"{t['kept_whole'][-1]}: {_score(t, cal)}" for t in restored if t["same_as"] is None)
+                      + ")") if costs else "-"
+            lines.append(f"| {r['model']} | {cal['held_out_images']} | {_score(cal, cal, 'original_')} | "
+                         f"{_score(cal['tried'][cal['chosen']], cal)} | {'yes' if cal['met'] else '**no**'} | "
                          f"{evaluated} of {len(grid)} | {repair} |")
     return "\n".join(lines) + "\n"
+
+
+def _score(row, cal, prefix=""):
+    """Held-out accuracy, and cross-entropy where the calibration matched it too."""
+    accuracy = row[prefix + "accuracy"]
+    return f"{accuracy} / {row[prefix + 'loss']:.4f}" if cal.get("match_loss") else f"{accuracy}"
 
 
 def main(argv=None):
@@ -172,6 +184,8 @@ def main(argv=None):
     ap.add_argument("--held-out", type=int, default=5000,
                     help="training images per class outside the pool that calibrate the thresholds (at most; the "
                          "default takes all of them, 4,700 per class: with 500, grid points 1-3 images apart decided)")
+    ap.add_argument("--match-loss", action="store_true",
+                    help="calibrate with calibrate_thresholds(..., match_loss=True): held-out cross-entropy too")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None, help="directory for results.json + report.md")
     args = ap.parse_args(argv)
@@ -182,12 +196,13 @@ def main(argv=None):
     test = ra.load_dataset("cifar10", "test")
     rows = []
     for name in args.models.split(","):
-        rows += run_model(name, classes, args.per_class, args.pool, train, pool_index, args.held_out, test)
+        rows += run_model(name, classes, args.per_class, args.pool, train, pool_index, args.held_out, test,
+                          args.match_loss)
     record = {"command": "PYTHONPATH=src python benchmarks/lego_components.py " + " ".join(argv or sys.argv[1:]),
               "machine": f"shared 2-core CPU ({platform.processor() or platform.machine()}), torch "
                          f"{torch.__version__}, {args.threads} thread(s), other jobs running",
               "classes": classes, "per_class": args.per_class, "pool": args.pool, "held_out": args.held_out,
-              "seeds": {"pool_draw": 0, "held_out_draw": 0}, "rows": rows}
+              "match_loss": args.match_loss, "seeds": {"pool_draw": 0, "held_out_draw": 0}, "rows": rows}
     write_report(args.out, record, markdown(record))
 
 

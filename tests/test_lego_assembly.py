@@ -309,6 +309,50 @@ def test_calibration_restores_the_layers_whose_pruning_costs_accuracy():
     assert mask_cost(model, masks)[0] < sum(p.numel() for p in model.parameters())
 
 
+def test_calibration_matching_the_loss_restores_by_loss_and_always_meets_its_target():
+    model, contributions, held = _calibration_case(3)
+    with torch.no_grad():
+        model.linear.weight.mul_(0.1)  # logits of a few units, so that the loss is not saturated at 0
+    classes = [2, 7]
+    x = ra.data.Preprocess(*ra.data.normalization_of(model))(held.images)
+    local = _logits(model, x)[:, classes].argmax(1)
+    mine = ImageDataset(held.images, torch.tensor(classes)[local], held.classes, "synthetic")  # the original: 100 %
+    grid = {"conv": [(0.5, 0.5)], "linear": [(0.5, 0.5)]}
+    accuracy_only = calibrate_thresholds(model, contributions, classes, mine, grid=grid, input_size=(3, SIZE, SIZE))
+    calibration = calibrate_thresholds(model, contributions, classes, mine, grid=grid, input_size=(3, SIZE, SIZE),
+                                       match_loss=True)
+    assert calibration.met and calibration.match_loss and calibration.original_accuracy == 100.0
+    grid_point, *restored = calibration.tried
+    # the grid point keeps every decision, so accuracy alone takes it; its loss is worse, so layers are restored
+    assert accuracy_only.met and accuracy_only.chosen == 0 and grid_point["accuracy"] == 100.0
+    assert grid_point["loss"] > calibration.original_loss and restored
+
+    def loss(masks):
+        return torch.nn.functional.cross_entropy(masked_logits(model, masks, x).double(), local).item()
+    assert calibration.original_loss == pytest.approx(
+        torch.nn.functional.cross_entropy(_logits(model, x)[:, classes].double(), local).item(), abs=1e-6)
+    assert grid_point["loss"] == pytest.approx(loss(_grid_masks(model, contributions, classes)), abs=1e-6)
+    # every pruned layer is ordered by the loss its pruning alone adds, and restored until both conditions hold
+    pruned = list(calibration.layer_loss_costs)
+    order = sorted(pruned, key=lambda n: (-calibration.layer_loss_costs[n], pruned.index(n)))
+    assert [r["kept_whole"] for r in restored] == [order[:k] for k in range(1, len(restored) + 1)]
+    chosen = calibration.tried[calibration.chosen]
+    assert chosen["accuracy"] >= calibration.target and chosen["loss"] <= calibration.original_loss + 1e-6
+    assert chosen["loss"] == pytest.approx(loss(calibration.masks), abs=1e-6)
+    assert calibration.chosen == len(calibration.tried) - 1
+    for row in restored[:-1]:  # every earlier step fails one of the two conditions
+        assert row["accuracy"] < calibration.target or row["loss"] > calibration.original_loss
+    # restoring every pruned layer leaves the original's restricted logits: the loop cannot run out
+    everything = locate_component(model, contributions, classes, input_size=(3, SIZE, SIZE), alpha=grid_point["alpha"],
+                                  beta=grid_point["beta"], keep_whole=pruned)
+    torch.testing.assert_close(masked_logits(model, everything, x), _logits(model, x)[:, classes])
+
+
+def _grid_masks(model, contributions, classes):
+    harsh = {"conv": 0.5, "linear": 0.5}
+    return locate_component(model, contributions, classes, input_size=(3, SIZE, SIZE), alpha=harsh, beta=harsh)
+
+
 def test_locate_keeps_named_layers_whole_and_records_them():
     from reassembly.lego.locate import ComponentMasks
 

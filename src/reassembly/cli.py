@@ -771,6 +771,11 @@ UNIT = click.FloatRange(0, 1, max_open=True)
 @click.option("--restore/--no-restore", default=True, show_default=True,
               help="With --calibrate, when no grid point reaches the target: score each layer's pruning alone and "
                    "keep the costly layers whole, costliest first, until the component reaches it.")
+@click.option("--match-loss", is_flag=True,
+              help="With --calibrate: the component's held-out cross-entropy must not exceed the original's either. "
+                   "Training images are fit almost perfectly, so their accuracy moves by a few images and cannot "
+                   "tell a faithful component from a lucky one; the loss can. Restoration then orders layers by the "
+                   "loss they add and always reaches the target, at worst keeping every channel (docs/lego.md).")
 @click.option("--alpha-conv", type=UNIT, default=None, help="alpha for conv layers' inputs (paper: 0.3).")
 @click.option("--beta-conv", type=UNIT, default=None, help="beta for conv layers' inputs (paper: 0.2).")
 @click.option("--alpha-linear", type=UNIT, default=None, help="alpha for linear layers' inputs (paper: 0.4).")
@@ -782,8 +787,8 @@ UNIT = click.FloatRange(0, 1, max_open=True)
 @click.option("--threads", type=POSITIVE, default=None, help="torch CPU threads (default: torch's choice).")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Folder holding the datasets.")
 def disassemble_cmd(model_name, checkpoint, classes, data_spec, out_dir, per_class, max_per_class, calibrate,
-                    held_out, tolerance, restore, alpha_conv, beta_conv, alpha_linear, beta_linear, evaluate, seed,
-                    overwrite, threads, data_root):
+                    held_out, tolerance, restore, match_loss, alpha_conv, beta_conv, alpha_linear, beta_linear,
+                    evaluate, seed, overwrite, threads, data_root):
     """Model LEGO: cut the component for some classes out of a trained CNN, without training.
 
     The most confident correctly classified training images of each class give every conv/linear layer's
@@ -829,7 +834,8 @@ def disassemble_cmd(model_name, checkpoint, classes, data_spec, out_dir, per_cla
     train = load_dataset(data_spec, "train", root=data_root, image_size=size[1], channels=size[0],
                          max_per_class=max_per_class, seed=seed)
     result = disassemble(model, train, classes, per_class=per_class, alpha=alpha, beta=beta, calibrate=calibrate,
-                         held_out=held_out, tolerance=tolerance, restore=restore, seed=seed, input_size=size,
+                         held_out=held_out, tolerance=tolerance, restore=restore,
+                         match_loss=match_loss, seed=seed, input_size=size,
                          model_name=model_name, dataset=train.name)
     test = load_dataset(data_spec, "test", root=data_root, image_size=size[1], channels=size[0]) if evaluate else None
     info = {"model": model_name, "checkpoint": checkpoint, "data": train.name, "train_images": len(train),
@@ -847,6 +853,9 @@ def disassemble_cmd(model_name, checkpoint, classes, data_spec, out_dir, per_cla
                                                   if cal.get("kept_whole") else "") +
                    f"; {cal['tried'][cal['chosen']]['accuracy']:.2f} % against the original's "
                    f"{cal['original_accuracy']:.2f} %" + ("" if cal["met"] else " (target NOT met)"))
+        if cal.get("match_loss"):
+            click.echo(f"held-out cross-entropy: {cal['tried'][cal['chosen']]['loss']:.4f} against the original's "
+                       f"{cal['original_loss']:.4f}")
         costs = cal.get("layer_costs") or {}
         if not cal["met"] and costs and not any(cost > 0 for cost in costs.values()):
             click.echo("no single layer's pruning costs held-out accuracy on its own, so none was restored: the loss "

@@ -178,6 +178,9 @@ def report_markdown(report: dict, title: str = "MDA component") -> str:
                        f"{cal['original_accuracy']:.2f} %, target {cal['target']:.2f} % {verdict}; chosen conv "
                        f"{cal['alpha']['conv']}/{cal['beta']['conv']}, linear {cal['alpha']['linear']}/"
                        f"{cal['beta']['linear']} (alpha/beta){restored}.")]
+        if cal.get("match_loss"):
+            lines[-1] += (f" Cross-entropy over the classes, also required to be no worse: component "
+                          f"{cal['tried'][cal['chosen']]['loss']:.4f}, original {cal['original_loss']:.4f}.")
     elif report.get("thresholds"):
         t = report["thresholds"]
         lines += ["", (f"Thresholds (alpha/beta): conv {t['alpha']['conv']}/{t['beta']['conv']}, linear "

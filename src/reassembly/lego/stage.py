@@ -69,14 +69,15 @@ def check_disassemblable(model: nn.Module, input_size, model_name: str = "model"
 
 def disassemble(model: nn.Module, train: ImageDataset, classes, *, per_class: int = 50, alpha: dict | None = None,
                 beta: dict | None = None, calibrate: bool = False, held_out: int = 500, tolerance: float = 0.0,
-                grid: dict | None = None, restore: bool = True, seed: int = 0, input_size=(3, 32, 32),
-                model_name: str = "model", dataset: str | None = None) -> Disassembly:
+                grid: dict | None = None, restore: bool = True, match_loss: bool = False, seed: int = 0,
+                input_size=(3, 32, 32), model_name: str = "model", dataset: str | None = None) -> Disassembly:
     """The component of ``model`` for ``classes`` (MDA steps 1-4) from its training images ``train`` (labels = the
     model's outputs): the ``per_class`` most confident correct images per class give the contributions; the
     thresholds are ``alpha``/``beta`` (default: the paper's) or, with ``calibrate``, the cheapest grid point whose
     component keeps the original's accuracy on ``held_out`` other training images per class
     (:func:`~reassembly.lego.calibrate.calibrate_thresholds`; ``restore``: when no grid point is, keep the layers
-    whose pruning costs accuracy whole). ``dataset`` names the label space for assembly."""
+    whose pruning costs accuracy whole; ``match_loss``: the held-out cross-entropy must not grow either).
+    ``dataset`` names the label space for assembly."""
     started = time.time()
     classes = check_classes(classes, train.num_classes, train.name)
     check_disassemblable(model, input_size, model_name)
@@ -93,7 +94,7 @@ def disassemble(model: nn.Module, train: ImageDataset, classes, *, per_class: in
         rest = held_out_indices(train, classes, index.tolist(), held_out, seed=seed)
         calibration = calibrate_thresholds(model, contributions, classes, train.subset(rest), grid=grid,
                                            tolerance=tolerance, input_size=input_size, model_name=model_name,
-                                           restore=restore)
+                                           restore=restore, match_loss=match_loss)
         masks = calibration.masks
     else:
         masks = locate_component(model, contributions, classes, input_size=input_size, alpha=alpha, beta=beta,
