@@ -913,6 +913,18 @@ def test_disassemble_then_assemble_then_eval(lego, lego_parts, tmp_path):
     assert_one_line_error(wrong, 2, "an assembly for classes [0, 1, 2, 3, 4]", "cifar10[0,1,2,3,4]")
 
 
+def test_disassemble_matching_the_loss_reaches_its_target_and_says_so(lego, tmp_path, monkeypatch):
+    monkeypatch.setenv("REASSEMBLY_CACHE", str(tmp_path / "cache"))
+    result = assert_ok(_disassemble(lego, tmp_path / "comp", "0,1,2", "--calibrate", "--held-out", "4",
+                                    "--match-loss"))
+    cal = json.loads((tmp_path / "comp" / "report.json").read_text())["calibration"]
+    chosen = cal["tried"][cal["chosen"]]
+    assert cal["match_loss"] and cal["met"] and chosen["loss"] <= cal["original_loss"]
+    assert f"held-out cross-entropy: {chosen['loss']:.4f} against the original's {cal['original_loss']:.4f}" in \
+        result.stdout
+    assert "Cross-entropy over the classes, also required" in (tmp_path / "comp" / "report.md").read_text()
+
+
 @pytest.mark.parametrize("classes, code, needles", [
     ("0,10", 1, ["class 10 does not exist", "lego_tiny_cnn has 10 classes (0..9)"]),
     ("", 2, ["'--classes'", "the class list is empty"]),
