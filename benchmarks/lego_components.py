@@ -15,11 +15,15 @@ Each component is saved (safetensors + JSON) and loaded back; ``reload_equal`` s
 same logits.
 
     PYTHONPATH=src python benchmarks/lego_components.py --out results/lego/components
+
+With ``--out``, each model's rows are kept in ``OUT/models/MODEL.json`` as it finishes: the same command run
+again reuses them (same classes, samples, held-out count and criterion) and redoes only the missing models.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 import tempfile
@@ -30,6 +34,7 @@ import torch
 
 import reassembly as ra
 from reassembly.data import Preprocess
+from reassembly.io import write_text
 from reassembly.lego import accumulate_contributions, select_samples
 from reassembly.lego.calibrate import calibrate_thresholds, held_out_indices
 from reassembly.lego.extract import (
@@ -195,9 +200,19 @@ def main(argv=None):
     pool_index = pool_indices(train, args.pool)  # = load_dataset(..., max_per_class=pool), as indices
     test = ra.load_dataset("cifar10", "test")
     rows = []
+    settings = {"classes": classes, "per_class": args.per_class, "pool": args.pool, "held_out": args.held_out,
+                "match_loss": args.match_loss}
     for name in args.models.split(","):
-        rows += run_model(name, classes, args.per_class, args.pool, train, pool_index, args.held_out, test,
-                          args.match_loss)
+        done = Path(args.out, "models", f"{name}.json") if args.out else None  # resume: one file per model
+        if done and done.exists() and json.loads(done.read_text())["settings"] == settings:
+            rows += json.loads(done.read_text())["rows"]
+            print(f"{name}: reusing {done}", flush=True)
+            continue
+        got = run_model(name, classes, args.per_class, args.pool, train, pool_index, args.held_out, test,
+                        args.match_loss)
+        if done:
+            write_text(done, json.dumps({"settings": settings, "rows": got}))
+        rows += got
     record = {"command": "PYTHONPATH=src python benchmarks/lego_components.py " + " ".join(argv or sys.argv[1:]),
               "machine": f"shared 2-core CPU ({platform.processor() or platform.machine()}), torch "
                          f"{torch.__version__}, {args.threads} thread(s), other jobs running",
