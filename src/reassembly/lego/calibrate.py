@@ -210,9 +210,9 @@ def calibrate_thresholds(model: nn.Module, contributions: Contributions, classes
         row["loss"] = round(loss, 6)
         return row["accuracy"] >= target and (not match_loss or loss <= original_loss)
 
-    def candidate(masks, key=None):
+    def candidate(masks):
         params, macs = mask_cost(model, masks, input_size)
-        key = key or tuple((n, tuple(l.keep_in), tuple(l.keep_out)) for n, l in masks.layers.items())
+        key = tuple((n, tuple(l.keep_in), tuple(l.keep_out)) for n, l in masks.layers.items())
         return {"alpha": masks.alpha, "beta": masks.beta, "params": params, "macs": macs, "accuracy": None,
                 "loss": None, "same_as": seen.get(key), "_masks": masks, "_key": key}
 
@@ -224,15 +224,15 @@ def calibrate_thresholds(model: nn.Module, contributions: Contributions, classes
                                                      alpha=alpha, beta=beta, model_name=model_name, graph=graph)))
         seen.setdefault(candidates[-1]["_key"], len(candidates) - 1)
     order = sorted(range(len(candidates)), key=lambda i: (candidates[i]["params"], candidates[i]["macs"], i))
-    chosen, scores, accepted = None, {}, {}
+    chosen, scores = None, {}
     for i in order:
         row = candidates[i]
         if row["same_as"] is not None:
             row["accuracy"], row["loss"] = candidates[row["same_as"]]["accuracy"], candidates[row["same_as"]]["loss"]
             continue
-        accepted[i] = evaluate(row)
+        met = evaluate(row)
         scores[i] = row["accuracy"]
-        if accepted[i]:
+        if met:
             chosen = i
             break
     met = chosen is not None
@@ -263,10 +263,10 @@ def calibrate_thresholds(model: nn.Module, contributions: Contributions, classes
                 continue
             previous = len(candidates) - 1
             row["same_as"] = None
-            accepted[previous] = evaluate(row)
+            met = evaluate(row)
             scores[previous] = row["accuracy"]
-            if accepted[previous]:
-                chosen, met = previous, True
+            if met:
+                chosen = previous
                 break
         if not met:
             chosen = min(scores, key=lambda i: (-scores[i], candidates[i]["params"], candidates[i]["macs"], i))
