@@ -166,7 +166,7 @@ def final_jobs(plan: dict, out: Path) -> list[dict] | None:
         row["validation"], row["lr"] = scores, best
         jobs += [{"name": f"test-{_slug(row['row'])}-seed{seed}", "row": row["row"], "lr": best, "seed": seed,
                   "train": "train", "eval": "test", "epochs": plan["epochs"]} for seed in range(plan["seeds"])]
-    return jobs
+    return sorted(jobs, key=lambda job: job["seed"])  # every row's seed 0 first: a cut-off table still has all rows
 
 
 def _slug(text: str) -> str:
