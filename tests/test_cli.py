@@ -40,6 +40,15 @@ def test_info_prints_counts_and_layers(tmp_path):
     assert (tmp_path / "i.json").is_file()
 
 
+def test_a_reader_that_leaves_early_stops_the_command_quietly():
+    """`reassembly info X | head -1`: the closed pipe ends the command with the shell's SIGPIPE status, no message."""
+    proc = subprocess.Popen([sys.executable, "-m", "reassembly", "info", "cifar_resnet20"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # before the command has printed anything: its first write meets a closed pipe
+    stderr = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 141 and stderr == "", stderr
+
+
 def test_zoo_list_archs():
     out = run("zoo", "list", "--archs", "--filter", "cifar_resnet*").stdout
     assert "cifar_resnet110" in out and "40.55M" in out

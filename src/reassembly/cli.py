@@ -42,6 +42,9 @@ class FriendlyGroup(click.Group):
             click.echo("Error: interrupted (Ctrl-C); no partial file was written. Run the same command again: "
                        "similarity, training, NAS and `reassembly run` resume where they stopped", err=True)
             raise SystemExit(INTERRUPTED) from None
+        except BrokenPipeError:  # the reader left (`reassembly info X | head`): stop quietly, as Unix tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+            raise SystemExit(BROKEN_PIPE) from None
         except OSError as exc:  # a file or folder that cannot be read or written
             if os.environ.get("REASSEMBLY_DEBUG") or exc.strerror is None:
                 raise
@@ -51,6 +54,7 @@ class FriendlyGroup(click.Group):
 
 POSITIVE = click.IntRange(min=1)
 INTERRUPTED = 130  # the shell's exit status for a process stopped by SIGINT
+BROKEN_PIPE = 141  # ... and for one stopped by SIGPIPE
 
 
 def _check_creatable(path: Path, value: str, param_type: click.ParamType, param, ctx) -> None:
