@@ -204,8 +204,9 @@ def main(argv=None):
                 "match_loss": args.match_loss}
     for name in args.models.split(","):
         done = Path(args.out, "models", f"{name}.json") if args.out else None  # resume: one file per model
-        if done and done.exists() and json.loads(done.read_text())["settings"] == settings:
-            rows += json.loads(done.read_text())["rows"]
+        saved = json.loads(done.read_text()) if done and done.exists() else None
+        if saved and saved["settings"] == settings:
+            rows += saved["rows"]
             print(f"{name}: reusing {done}", flush=True)
             continue
         got = run_model(name, classes, args.per_class, args.pool, train, pool_index, args.held_out, test,
