@@ -51,14 +51,15 @@ def recalibrate(net, blocks, images, labels, normalised) -> None:
     from reassembly.stitch.init import least_squares_init
 
     norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None
     net.train()
     for first in range(0, len(normalised), 128):
         net(normalised[first:first + 128])
-    for m in norms:
-        m.momentum = 0.1
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
     least_squares_init(net, blocks, images, labels, parts=("head",), progress=False)
 
 
