@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: running their jobs in parallel processes, and writing a report folder."""
+"""What the benchmark scripts share: running their jobs in parallel processes, writing a report folder, and
+re-estimating batch-norm statistics."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from reassembly.io import write_text
 
@@ -20,6 +23,27 @@ def write_report(directory: str | Path | None, record: dict, markdown: str) -> N
         write_text(directory / "results.json", json.dumps(record, indent=2) + "\n")
         write_text(directory / "report.md", markdown)
     print(markdown)
+
+
+@torch.no_grad()
+def reestimate_batch_norm(model: torch.nn.Module, dataset, batch_size: int = 500) -> None:
+    """Replace every batch norm's running mean/variance by their average over one pass of ``dataset`` (its images
+    normalised as the model expects); leaves the model in eval mode, each norm with its own momentum."""
+    from reassembly.data import Preprocess
+    from reassembly.train.evaluate import resolve_normalization
+
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative moving average: every batch weighs the same
+    preprocess = Preprocess(*resolve_normalization(model, None, None))
+    model.train()
+    for i in range(0, len(dataset), batch_size):
+        model(preprocess(dataset.images[i:i + batch_size]))
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+    model.eval()
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import reestimate_batch_norm
 
 
 @torch.no_grad()
@@ -45,22 +46,12 @@ def measure(net, probe, held) -> dict:
             "head_weight_norm": round(float(net.head.fc.weight.detach().norm()), 1)}
 
 
-@torch.no_grad()
-def recalibrate(net, blocks, images, labels, normalised) -> None:
-    """Batch-norm running statistics re-estimated on ``images`` (a cumulative average), then the head refitted."""
+def recalibrate(net, blocks, probe) -> None:
+    """Batch-norm running statistics re-estimated on the ``probe`` dataset, then the head refitted on it."""
     from reassembly.stitch.init import least_squares_init
 
-    norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-    net.train()
-    for first in range(0, len(normalised), 128):
-        net(normalised[first:first + 128])
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
-    least_squares_init(net, blocks, images, labels, parts=("head",), progress=False)
+    reestimate_batch_norm(net, probe, batch_size=128)
+    least_squares_init(net, blocks, probe.images, probe.labels.long(), parts=("head",), progress=False)
 
 
 def main() -> None:
@@ -93,7 +84,7 @@ def main() -> None:
                   "held_images": len(held_ids), "as_saved": measure(net, probe, held)}
         if args.recalibrate:
             blocks = [pretrained_block(n, a, b) for n, a, b in parse_blocks(info["blocks"])]
-            recalibrate(net, blocks, train.images[probe_ids], probe[1], probe[0])
+            recalibrate(net, blocks, train.subset(probe_ids))
             record["recalibrated"] = measure(net, probe, held)
         print(json.dumps(record), flush=True)
 

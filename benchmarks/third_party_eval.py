@@ -17,12 +17,11 @@ import sys
 from pathlib import Path
 
 import torch
-from common import write_report
+from common import reestimate_batch_norm, write_report
 from torch import nn
 
 import reassembly as ra
-from reassembly.data import Preprocess
-from reassembly.train.evaluate import evaluate, resolve_normalization
+from reassembly.train.evaluate import evaluate
 
 CHECKPOINTS = Path("../shared/models/akamaster-cifar10-resnet")
 MODELS = {"cifar_resnet20": "resnet20-12fca82f.th", "cifar_resnet32": "resnet32-d509ac18.th"}
@@ -36,21 +35,6 @@ def recorded_accuracy(name: str, folder: Path) -> float:
 
 def load(name: str, folder: Path) -> nn.Module:
     return ra.create_model(name, checkpoint=str(folder / MODELS[name])).eval()
-
-
-@torch.no_grad()
-def reestimate_batch_norm(model: nn.Module, dataset, batch_size: int = 500) -> None:
-    """Replace every batch norm's running mean/variance by their average over one pass of ``dataset``."""
-    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # cumulative moving average: every batch weighs the same
-    mean, std = resolve_normalization(model, None, None)
-    preprocess = Preprocess(mean, std)
-    model.train()
-    for i in range(0, len(dataset), batch_size):
-        model(preprocess(dataset.images[i:i + batch_size]))
-    model.eval()
 
 
 def main(argv=None) -> None:
