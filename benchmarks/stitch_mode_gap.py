@@ -68,14 +68,15 @@ def main() -> None:
     from reassembly.data import Preprocess, load_dataset
     from reassembly.stitch import parse_blocks, pretrained_block
     from reassembly.stitch.io import load_net
+    from reassembly.stitch.stage import probe_split
     from reassembly.train.evaluate import resolve_normalization
 
     for directory in args.nets:
         info = json.loads((directory / "structure.json").read_text())["info"]
         probe_info = info["init"]["probe"]
         train = load_dataset(info["data"], "train", max_per_class=args.max_per_class, seed=0)
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(probe_info["seed"]))
-        probe_ids, held_ids = order[:probe_info["images"]], order[probe_info["images"]:][:args.images]
+        probe_ids, held_ids = probe_split(len(train), probe_info["images"], probe_info["seed"])
+        held_ids = held_ids[:args.images]
         net = load_net(directory)
         preprocess = Preprocess(*resolve_normalization(net, None, None))
         probe = preprocess(train.images[probe_ids]), train.labels[probe_ids].long()

@@ -255,6 +255,26 @@ def test_least_squares_init_beats_the_default_before_any_training(three):
     assert scores["least-squares"] > scores["default"] + 5, scores
 
 
+def test_the_stitch_stage_fits_on_the_probe_that_probe_split_names(tmp_path):
+    """Tools that study the fit (benchmarks/stitch_mode_gap.py) rebuild the probe with ``probe_split``: refitting a
+    fresh network on exactly those images reproduces the saved one, and the probe and the rest never overlap."""
+    from reassembly.data import load_dataset
+    from reassembly.stitch.stage import probe_split, stitch_stage
+
+    saved = stitch_stage("resnet20_cifar5:1-4", "digits", tmp_path / "net", probe_size=60, seed=3, max_per_class=20,
+                         progress=False)
+    blocks = [pretrained_block("resnet20_cifar5", 1, 4)]
+    train = load_dataset("digits", "train", image_size=32, channels=3, max_per_class=20, seed=0)  # as the stage does
+    probe_ids, rest_ids = probe_split(len(train), 60, seed=3)
+    assert len(probe_ids) == 60 and sorted(torch.cat([probe_ids, rest_ids]).tolist()) == list(range(len(train)))
+    torch.manual_seed(3)
+    net = build_network(blocks, train.num_classes, classes=list(train.classes))
+    least_squares_init(net, blocks, train.images[probe_ids], train.labels[probe_ids], progress=False)
+    assert torch.allclose(net.head.fc.weight, saved["net"].head.fc.weight)
+    other = probe_split(len(train), 60, seed=4)[0]
+    assert not torch.equal(other, probe_ids)
+
+
 # -- the command line and bad input ----------------------------------------------------------------------------------
 def test_stitch_train_and_eval_clis_on_digits(tmp_path):
     net_dir = tmp_path / "net"

@@ -15,6 +15,13 @@ from .io import is_net_dir, save_net
 INITS = ("least-squares", "default")
 
 
+def probe_split(num_images: int, probe_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the training images the least-squares fit sees (a seeded draw of ``probe_size``) and of the rest,
+    in drawn order: one definition, so that tools that study the fit find the same probe and images outside it."""
+    order = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed))
+    return order[:probe_size], order[probe_size:]
+
+
 def stitch_stage(blocks: str | list[str], data: str, out: str | Path, *, init: str = "least-squares",
                  probe_size: int = 1000, seed: int = 0, stem: str = "new", token_pool: str = "mean",
                  max_per_class: int | None = None, data_root=None, overwrite: bool = False,
@@ -47,8 +54,7 @@ def stitch_stage(blocks: str | list[str], data: str, out: str | Path, *, init: s
     if init == "least-squares":
         if len(train) == 0:
             raise ReassemblyError(f"{train.name} train holds no images to initialise the stitches with")
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:probe_size]
-        probe = train.subset(order)
+        probe = train.subset(probe_split(len(train), probe_size, seed)[0])
         report.update(least_squares_init(net, sources, probe.images, probe.labels, progress=progress))
         report["probe"] = {"data": train.name, "split": "train", "images": len(probe), "seed": seed}
     info = {"blocks": [ref.spec for ref in net.structure.blocks], "data": train.name, "init": report, "seed": seed,
