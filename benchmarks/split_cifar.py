@@ -129,6 +129,16 @@ def add_random_partition(plan: dict, search_path: str) -> None:
                          "mode": "full", **_cost(chosen)})
 
 
+def add_recalibrated(plan: dict) -> None:
+    """The row 'DeRy full, norms recalibrated': DeRy's network stitched with ``recalibrate_norms`` (every block's
+    batch-norm statistics re-estimated on the probe before the fit reaches it) and fully fine-tuned like DeRy full.
+    It tests the repair ``benchmarks/stitch_mode_gap.py`` found for the train/eval mismatch of the initialisation."""
+    dery = plan["nets"]["dery"]
+    plan["nets"]["dery-recalibrated"] = {**dery, "recalibrate_norms": True}
+    full = next(row for row in plan["rows"] if row["row"] == "DeRy full")
+    plan["rows"].append({**full, "row": "DeRy full, norms recalibrated", "source": "dery-recalibrated"})
+
+
 def _cost(candidate: dict) -> dict:
     return {"params": candidate["params"], "macs": candidate["macs"]}
 
@@ -199,7 +209,7 @@ def stitch_net(plan: dict, key: str, out: Path) -> None:
     spec, directory = plan["nets"][key], out / "nets" / key
     if spec.get("pretrained", True):
         stitch_stage(spec["blocks"], TARGET, directory, init=spec["init"], max_per_class=plan["per_class"],
-                     progress=False, overwrite=True)
+                     recalibrate_norms=spec.get("recalibrate_norms", False), progress=False, overwrite=True)
     else:  # the architecture of the blocks, freshly initialised: DeRy trained from scratch
         torch.manual_seed(0)
         blocks = [pretrained_block(n, a, b, pretrained=False) for n, a, b in parse_blocks(spec["blocks"])]
@@ -297,9 +307,9 @@ def proxy_scores(directory: Path) -> dict[str, dict[str, float]]:
 def report(plan: dict, out: Path, args) -> dict:
     from scipy import stats
 
-    finals = final_jobs(plan, out) or []
     rows = []
     for row in plan["rows"]:
+        finals = final_jobs({**plan, "rows": [row]}, out) or []  # each row as far as its own runs go
         values = [finished(out, j) for j in finals if j["row"] == row["row"]]
         top1 = [v["final"]["test_top1"] for v in values if v is not None]
         jobs = [j for j in validation_jobs(plan) + finals if j["row"] == row["row"] and finished(out, j)]
@@ -369,6 +379,10 @@ def main() -> None:
     parser.add_argument("--random-partition", default=None,
                         help="a search.json over a random partition (`reassembly partition --random`), same budget: "
                              "adds the 'random partition + proxy' row")
+    parser.add_argument("--recalibrated", action="store_true",
+                        help="adds the row 'DeRy full, norms recalibrated' (`reassembly stitch --recalibrate-norms`)")
+    parser.add_argument("--rows", nargs="+", default=None,
+                        help="train only these rows (by name, e.g. 'DeRy full'); the report still lists every row")
     parser.add_argument("--out", type=Path, default=Path("runs/split-cifar-table"))
     parser.add_argument("--per-class", type=int, default=PER_CLASS, help="training images per class (smoke runs)")
     parser.add_argument("--epochs", type=int, default=10)
@@ -398,16 +412,30 @@ def main() -> None:
         if args.random_partition and "random_partition" not in plan and not args.report_only:
             add_random_partition(plan, args.random_partition)
             plan_path.write_text(json.dumps(plan, indent=2) + "\n")
+        if args.recalibrated and "dery-recalibrated" not in plan["nets"] and not args.report_only:
+            add_recalibrated(plan)
+            plan_path.write_text(json.dumps(plan, indent=2) + "\n")
     else:
         plan = build_plan(args)
+        if args.recalibrated:
+            add_recalibrated(plan)
         out.mkdir(parents=True, exist_ok=True)
         plan_path.write_text(json.dumps(plan, indent=2) + "\n")
+    names = [row["row"] for row in plan["rows"]]
+    unknown = sorted(set(args.rows or []) - set(names))
+    if unknown:
+        raise SystemExit(f"--rows {', '.join(unknown)}: the plan's rows are {', '.join(names)}")
+    chosen = plan
+    if args.rows:  # those rows, and no proxy runs
+        rows = [row for row in plan["rows"] if row["row"] in args.rows]
+        chosen = {**plan, "rows": rows, "nets": {k: v for k, v in plan["nets"].items()
+                                                 if k in {row["source"] for row in rows}}}
     if not args.report_only:
         if not (out / "machine.json").is_file():  # the table's machine; each run also records its own
             write_text(out / "machine.json", json.dumps(this_machine()))
         target_splits(plan["per_class"])  # decode the images once before the workers start
-        failed = launch(stitch_jobs(plan, out), args, out)
-        failed += launch(validation_jobs(plan) + proxy_jobs(plan), args, out, then=lambda: final_jobs(plan, out))
+        failed = launch(stitch_jobs(chosen, out), args, out)
+        failed += launch(validation_jobs(chosen) + proxy_jobs(chosen), args, out, then=lambda: final_jobs(chosen, out))
         if failed:
             print(f"failed runs: {', '.join(failed)}; see {out}/logs", flush=True)
     report(plan, out, args)

@@ -275,6 +275,44 @@ def test_the_stitch_stage_fits_on_the_probe_that_probe_split_names(tmp_path):
     assert not torch.equal(other, probe_ids)
 
 
+def test_recalibrate_batch_norms_sets_the_statistics_of_the_batches_and_keeps_each_momentum():
+    from reassembly.stitch.init import recalibrate_batch_norms
+
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.BatchNorm2d(4, momentum=0.3), torch.nn.Conv2d(4, 4, 1),
+                                torch.nn.BatchNorm2d(4))
+    batches = [3 + 2 * torch.randn(10, 4, 5, 5) for _ in range(3)]
+    assert recalibrate_batch_norms(block, batches) == 2
+    assert not block.training and [m.momentum for m in (block[0], block[2])] == [0.3, 0.1]
+    every = torch.cat(batches)
+    assert torch.allclose(block[0].running_mean, every.mean((0, 2, 3)), atol=1e-5)
+    per_batch = torch.stack([b.var((0, 2, 3)) for b in batches]).mean(0)  # the unbiased variance of each batch
+    assert torch.allclose(block[0].running_var, per_batch, atol=1e-4)
+
+
+def test_recalibrated_least_squares_init_agrees_with_training_mode_on_unseen_images(tmp_path):
+    """A block's batch-norm keeps its source data's statistics unless recalibrated; training normalises by the target
+    batch's own. With ``recalibrate_norms`` the network's eval-mode and train-mode logits on images outside the probe
+    come much closer (the gap ``benchmarks/stitch_mode_gap.py`` measures on the Split-CIFAR networks)."""
+    from reassembly.data import load_dataset, normalize
+    from reassembly.stitch.stage import probe_split, stitch_stage
+
+    train = load_dataset("digits", "train", image_size=32, channels=3, max_per_class=60, seed=0)
+    _, held = probe_split(len(train), 200, seed=0)
+    gaps, counts = {}, {}
+    for recalibrate in (False, True):
+        result = stitch_stage("resnet20_cifar5:1-4,mobilenetv2_cifar5:5-10", "digits", tmp_path / str(recalibrate),
+                              probe_size=200, max_per_class=60, recalibrate_norms=recalibrate, progress=False)
+        net = result["net"]
+        x = normalize(train.images[held[:128]], net.structure.mean, net.structure.std)
+        with torch.no_grad():
+            eval_logits, train_logits = net.eval()(x), net.train()(x)
+        gaps[recalibrate] = float((train_logits - eval_logits).abs().mean() / eval_logits.abs().mean())
+        counts[recalibrate] = result["init"].get("recalibrated_norms")
+    assert counts[False] is None and counts[True] > 10  # every block norm of both blocks
+    assert gaps[True] < gaps[False] / 2, gaps
+
+
 # -- the command line and bad input ----------------------------------------------------------------------------------
 def test_stitch_train_and_eval_clis_on_digits(tmp_path):
     net_dir = tmp_path / "net"
@@ -322,6 +360,13 @@ def test_stitch_bad_blocks_fail_in_one_line_and_write_nothing(tmp_path, blocks, 
     proc = run("stitch", "--blocks", blocks, "--data", "digits", "--out", str(out), check_ok=False)
     assert_one_line_error(proc, *needles)
     assert not out.exists()
+
+
+def test_stitch_refuses_recalibrated_norms_without_least_squares(tmp_path):
+    proc = run("stitch", "--blocks", "resnet20_cifar5:1-4", "--data", "digits", "--init", "default",
+               "--recalibrate-norms", "--out", str(tmp_path / "net"), check_ok=False)
+    assert_one_line_error(proc, "--recalibrate-norms", "--init least-squares")
+    assert not (tmp_path / "net").exists()
 
 
 @pytest.fixture()

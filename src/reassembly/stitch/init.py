@@ -12,7 +12,11 @@ Every linear map the network adds is fitted by ridge regression on features of t
   fitting the exact inverse, which stretches negative targets tenfold, gave a worse network, 68.2% against 71.9%
   top-1 before training on the three-architecture example of ``benchmarks/bench_stitch.py``);
 * a learned class token is set to the mean class token the next block's model produces;
-* the head is a ridge classifier (one-hot targets) on the pooled features, when labels are given.
+* the head is a ridge classifier (one-hot targets) on the pooled features, when labels are given;
+* with ``recalibrate_norms``, each pretrained block's batch-norm statistics are first re-estimated on what the
+  network feeds that block on the probe, so that everything downstream is fitted to the block as training will see
+  it: training normalises by batch statistics of the target data, not by the source data's running statistics
+  (``benchmarks/stitch_mode_gap.py`` measures what the mismatch costs).
 
 DeRy itself uses PyTorch's default initialisation (``init="default"``); this is the library's addition, and
 ``benchmarks/bench_stitch.py`` measures what it buys before any training.
@@ -121,8 +125,8 @@ class _Flow:
     each stitch is fitted on what arrives at it once everything upstream is fitted, and nothing upstream runs
     again."""
 
-    def __init__(self, net: ReassembledNet, inputs, batches):
-        self.net, self.block = net, -1
+    def __init__(self, net: ReassembledNet, inputs, batches, recalibrate_norms: bool = False):
+        self.net, self.block, self.recalibrate_norms, self.recalibrated = net, -1, recalibrate_norms, 0
         self.tensors = [inputs(first, stop) for first, stop in batches]
 
     def after(self, k: int) -> list[torch.Tensor]:
@@ -131,16 +135,41 @@ class _Flow:
             self.block += 1
             b = self.block
             enter = net.stem if b == 0 else net.stitches[b - 1]
-            self.tensors = [net.blocks[b](enter(x)) for x in self.tensors]
+            entering = [enter(x) for x in self.tensors]
+            if self.recalibrate_norms:
+                self.recalibrated += recalibrate_batch_norms(net.blocks[b], entering)
+            self.tensors = [net.blocks[b](x) for x in entering]
         return self.tensors
+
+
+def recalibrate_batch_norms(module: torch.nn.Module, batches: list[torch.Tensor]) -> int:
+    """Replace the running statistics of every batch-norm in ``module`` by their average over ``batches`` (each
+    norm normalising by batch statistics on the way, as in training); returns how many norms there were. The module
+    is left in eval mode and each norm keeps its momentum."""
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if norms:
+        momenta = [norm.momentum for norm in norms]
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None  # a cumulative average: every batch weighs the same
+        module.train()
+        with torch.no_grad():
+            for x in batches:
+                module(x)
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+    module.eval()
+    return len(norms)
 
 
 @torch.no_grad()
 def least_squares_init(net: ReassembledNet, blocks, images: torch.Tensor, labels: torch.Tensor | None = None, *,
-                       parts=PARTS, batch_size: int = 250, ridge: float = RIDGE, progress: bool = True) -> dict:
+                       parts=PARTS, batch_size: int = 250, ridge: float = RIDGE, recalibrate_norms: bool = False,
+                       progress: bool = True) -> dict:
     """Fit the stem, stitches and (with ``labels``) head of ``net`` on ``images`` (uint8, N x C x H x W), or only
     the ``parts`` named; ``blocks`` are the :class:`~reassembly.stitch.build.SourceBlock` the network was built
-    from. Returns what was fitted, with each fit's relative residual on the probe."""
+    from. ``recalibrate_norms`` re-estimates every block's batch-norm statistics on the probe as the fit reaches it.
+    Returns what was fitted, with each fit's relative residual on the probe."""
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise ValueError(f"parts must be among {PARTS}, not {sorted(unknown)}")
@@ -163,11 +192,15 @@ def least_squares_init(net: ReassembledNet, blocks, images: torch.Tensor, labels
 
     if fit_stem:
         report["fits"].append(_fit_stem(net.stem, inputs, targets, batches, ridge, bar))
-    flow = _Flow(net, inputs, batches)
+    flow = _Flow(net, inputs, batches, recalibrate_norms)
     for k, stitch in stitches:
         report["fits"].append(_fit_stitch(k, stitch, flow.after(k), targets, batches, ridge, bar))
+    if fit_head or recalibrate_norms:
+        flowing = flow.after(len(net.blocks) - 1)  # recalibration reaches the last block even without a head fit
     if fit_head:
-        report["fits"].append(_fit_head(net, flow.after(len(net.blocks) - 1), labels, batches, ridge, bar))
+        report["fits"].append(_fit_head(net, flowing, labels, batches, ridge, bar))
+    if recalibrate_norms:
+        report["recalibrated_norms"] = flow.recalibrated
     bar.close()
     return report
 
