@@ -30,20 +30,12 @@ def reestimate_batch_norm(model: torch.nn.Module, dataset, batch_size: int = 500
     """Replace every batch norm's running mean/variance by their average over one pass of ``dataset`` (its images
     normalised as the model expects); leaves the model in eval mode, each norm with its own momentum."""
     from reassembly.data import Preprocess
+    from reassembly.stitch.init import recalibrate_batch_norms
     from reassembly.train.evaluate import resolve_normalization
 
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    momenta = [norm.momentum for norm in norms]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # cumulative moving average: every batch weighs the same
     preprocess = Preprocess(*resolve_normalization(model, None, None))
-    model.train()
-    for i in range(0, len(dataset), batch_size):
-        model(preprocess(dataset.images[i:i + batch_size]))
-    for norm, momentum in zip(norms, momenta):
-        norm.momentum = momentum
-    model.eval()
+    recalibrate_batch_norms(model, (preprocess(dataset.images[i:i + batch_size])
+                                    for i in range(0, len(dataset), batch_size)))
 
 
 @dataclass(frozen=True)

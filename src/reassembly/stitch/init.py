@@ -24,6 +24,8 @@ DeRy itself uses PyTorch's default initialisation (``init="default"``); this is 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -142,10 +144,10 @@ class _Flow:
         return self.tensors
 
 
-def recalibrate_batch_norms(module: torch.nn.Module, batches: list[torch.Tensor]) -> int:
+def recalibrate_batch_norms(module: torch.nn.Module, batches: Iterable[torch.Tensor]) -> int:
     """Replace the running statistics of every batch-norm in ``module`` by their average over ``batches`` (each
-    norm normalising by batch statistics on the way, as in training); returns how many norms there were. The module
-    is left in eval mode and each norm keeps its momentum."""
+    norm normalising by batch statistics on the way, as in training; one pass, so a generator will do); returns
+    how many norms there were. The module is left in eval mode and each norm keeps its momentum."""
     norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if norms:
         momenta = [norm.momentum for norm in norms]
