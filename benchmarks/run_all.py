@@ -74,7 +74,7 @@ STEPS = [
                 "--report", "results/split-cifar-table"]],
          "about 4 min on an H100 at 14 jobs; roughly a day on the 2-core CPU", heavy=True),
     Step("split-cifar-table-1.5M", "the Split-CIFAR table at the second budget (1.5M / 100M, 3 seeds, with the "
-         "random-partition row, no proxy study; results/split-cifar-table-1.5M)",
+         "random-partition row and the recalibrated-norms row, no proxy study; results/split-cifar-table-1.5M)",
          [CLI + ["search", "results/split-cifar", "--data", "cifar10[5:10]", "--params", "1.5M", "--macs", "100M",
                  "--proxy", "naswot", "--top-k", "600", "--seed", "0", "--threads", "1", "--out",
                  "results/search/split-cifar-naswot-1.5M-100M-all.json"],
@@ -84,7 +84,7 @@ STEPS = [
           PY + ["benchmarks/split_cifar.py", "--search", "results/search/split-cifar-naswot-1.5M-100M-all.json",
                 "--random-partition", "results/split-cifar-table-1.5M/random-partition-search.json",
                 "--out", "runs/split-table-1.5M", "--epochs", "10", "--seeds", "3", "--proxy-nets", "0",
-                "--lrs", "1e-4", "3e-4", "1e-3", "3e-3", "1e-2", "--jobs", "2", "--threads", "1",
+                "--lrs", "1e-4", "3e-4", "1e-3", "3e-3", "1e-2", "--recalibrated", "--jobs", "2", "--threads", "1",
                 "--report", "results/split-cifar-table-1.5M"]],
          "minutes on an H100 at 14 jobs; about 10 hours of one core of the 2-core CPU", heavy=True),
     Step("stitch-mode-gap", "train mode against eval mode of the 1.5M table's least-squares-initialised networks "
