@@ -88,9 +88,11 @@ STEPS = [
                 "--report", "results/split-cifar-table-1.5M"]],
          "minutes on an H100 at 14 jobs; about 10 hours of one core of the 2-core CPU", heavy=True),
     Step("stitch-mode-gap", "train mode against eval mode of the 1.5M table's least-squares-initialised networks "
-         "before training, and batch-norm recalibration (needs the nets of split-cifar-table-1.5M)",
+         "before training, batch-norm recalibration afterwards, and the network stitched with --recalibrate-norms "
+         "(needs the nets of split-cifar-table-1.5M)",
          [PY + ["benchmarks/stitch_mode_gap.py", "runs/split-table-1.5M/nets/dery", "runs/split-table-1.5M/nets/random",
-                "runs/split-table-1.5M/nets/random-partition", "--recalibrate"]], "10 min",
+                "runs/split-table-1.5M/nets/random-partition", "--recalibrate"],
+          PY + ["benchmarks/stitch_mode_gap.py", "runs/split-table-1.5M/nets/dery-recalibrated"]], "10 min",
          append_to="results/split-cifar-table-1.5M/stitch_mode_gap.txt", heavy=True),
     Step("sandglass", "MobileNeXt-32 against MobileNetV2-32 at equal cost, 5 paired seeds (results/sandglass)",
          [PY + ["benchmarks/bench_sandglass.py", "--data", "cifar10", "--seeds", "5", "--epochs", "15",
