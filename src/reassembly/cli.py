@@ -689,6 +689,9 @@ def partition_cmd(similarity_dir, k, eps, size, general, block_similarity, debia
               help="With least-squares: re-estimate each pretrained block's batch-norm statistics on the probe "
                    "before fitting what follows it, so the fit matches the batch statistics training normalises "
                    "by (experimental; see results/split-cifar-table-1.5M).")
+@click.option("--head", type=click.Choice(["fit", "zero"]), default="fit", show_default=True,
+              help="With least-squares: fit: a ridge classifier, its penalty and temperature chosen on held-out "
+                   "probe images; zero: a zeroed head (start loss log C).")
 @click.option("--stem", type=click.Choice(["new", "none"]), default="new", show_default=True,
               help="new: a fresh conv stem makes the first block's input; none: the first block starts at node 0.")
 @click.option("--token-pool", type=click.Choice(["mean", "cls"]), default="mean", show_default=True,
@@ -696,8 +699,8 @@ def partition_cmd(similarity_dir, k, eps, size, general, block_similarity, debia
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the probe draw and default init.")
 @click.option("--overwrite", is_flag=True, help="Replace a network already saved in --out.")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Folder holding the datasets.")
-def stitch_cmd(blocks, choice, data_spec, out_dir, init, probe_size, max_per_class, recalibrate_norms, stem, token_pool,
-               seed, overwrite, data_root):
+def stitch_cmd(blocks, choice, data_spec, out_dir, init, probe_size, max_per_class, recalibrate_norms, head, stem,
+               token_pool, seed, overwrite, data_root):
     """DeRy stage 4: stitch blocks of different pretrained models into one network.
 
     Between blocks of different models goes a stitch: BatchNorm + conv (kernel = stride, the stride chosen from
@@ -719,9 +722,10 @@ def stitch_cmd(blocks, choice, data_spec, out_dir, init, probe_size, max_per_cla
         blocks = chosen_blocks(choice)
     result = stitch_stage(blocks, data_spec, out_dir, init=init, probe_size=probe_size, seed=seed, stem=stem,
                           token_pool=token_pool, max_per_class=max_per_class, data_root=data_root,
-                          recalibrate_norms=recalibrate_norms, overwrite=overwrite, progress=sys.stderr.isatty())
+                          recalibrate_norms=recalibrate_norms, head=head, overwrite=overwrite,
+                          progress=sys.stderr.isatty())
     click.echo(describe_net(result["net"]))
-    fits = result["init"].get("fits", [])
+    fits = [fit for fit in result["init"].get("fits", []) if "residual" in fit]
     if fits:
         residuals = ", ".join(f"{fit['layer']} {fit['residual']:.2f}" for fit in fits)
         click.echo(f"least-squares fit on {result['init']['probe']['images']} images of {result['data']} "

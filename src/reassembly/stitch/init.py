@@ -37,6 +37,8 @@ from .net import ReassembledNet, Stem
 
 RIDGE = 1e-3  # times the mean eigenvalue of the input covariance
 PARTS = ("stem", "stitches", "head")
+HEAD_RIDGES = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # candidate head penalties, times the mean eigenvalue
+HEADS = ("fit", "zero")
 
 
 class RidgeFit:
@@ -167,14 +169,17 @@ def recalibrate_batch_norms(module: torch.nn.Module, batches: Iterable[torch.Ten
 @torch.no_grad()
 def least_squares_init(net: ReassembledNet, blocks, images: torch.Tensor, labels: torch.Tensor | None = None, *,
                        parts=PARTS, batch_size: int = 250, ridge: float = RIDGE, recalibrate_norms: bool = False,
-                       progress: bool = True) -> dict:
+                       head: str = "fit", head_ridges=HEAD_RIDGES, progress: bool = True) -> dict:
     """Fit the stem, stitches and (with ``labels``) head of ``net`` on ``images`` (uint8, N x C x H x W), or only
     the ``parts`` named; ``blocks`` are the :class:`~reassembly.stitch.build.SourceBlock` the network was built
     from. ``recalibrate_norms`` re-estimates every block's batch-norm statistics on the probe as the fit reaches it.
+    ``head``: ``fit`` (ridge classifier, penalty and temperature chosen on held-out probe images) or ``zero``.
     Returns what was fitted, with each fit's relative residual on the probe."""
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise ValueError(f"parts must be among {PARTS}, not {sorted(unknown)}")
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, not {head!r}")
     net.eval()
     for block in blocks:
         block.model.eval()
@@ -200,7 +205,7 @@ def least_squares_init(net: ReassembledNet, blocks, images: torch.Tensor, labels
     if fit_head or recalibrate_norms:
         flowing = flow.after(len(net.blocks) - 1)  # recalibration reaches the last block even without a head fit
     if fit_head:
-        report["fits"].append(_fit_head(net, flowing, labels, batches, ridge, bar))
+        report["fits"].append(_fit_head(net, flowing, labels, batches, head_ridges, bar, head))
     if recalibrate_norms:
         report["recalibrated_norms"] = flow.recalibrated
     bar.close()
@@ -283,25 +288,52 @@ def _fit_stitch(k: int, stitch: Stitch, flowing: list[torch.Tensor], targets, ba
     return {"layer": f"stitch {k}", "residual": round(fit.residual(weight), 4)}
 
 
-def _fit_head(net: ReassembledNet, flowing: list[torch.Tensor], labels, batches, ridge, bar) -> dict:
-    """A ridge classifier on the pooled features, its logits then scaled by the temperature that minimises
-    label-smoothed (0.1) cross-entropy on the probe: ridge logits sit near 0 and 1, which softmax reads as
-    near-uniform, and training from that high loss first tears down the fitted stitches; plain cross-entropy would
-    pick an unbounded scale wherever the probe is separable."""
+def _fit_head(net: ReassembledNet, flowing: list[torch.Tensor], labels, batches, ridges, bar,
+              head: str = "fit") -> dict:
+    """A ridge classifier on the pooled features, its logits scaled by a temperature. The penalty (among ``ridges``)
+    and the temperature are the pair with the lowest label-smoothed (0.1) cross-entropy on a fifth of the probe
+    held out from the fit: chosen on the images it was fitted to, the head overfits them (95 % on its own 1,000
+    probe images against 59 % elsewhere, weight norm 596, on the 1.5M Split-CIFAR network) and full fine-tuning
+    starts from a loss of 9. The chosen penalty is then refitted on the whole probe. Ridge logits sit near 0 and 1,
+    which softmax reads as near-uniform, hence the temperature; plain cross-entropy would pick an unbounded scale
+    wherever the held-out images are separable.
+
+    ``head="zero"`` fits nothing and zeroes the head (loss log C at the start, the features left untouched by the
+    first gradients); the fitted head's held-out accuracy is still reported, as a measure of the features."""
     fc = net.head.fc
-    fit = RidgeFit(fc.in_features, fc.out_features)
-    pooled = []
-    for (first, stop), x in zip(batches, flowing):
-        pooled.append(net.head.pool(x))
-        fit.add(pooled[-1], F.one_hot(labels[first:stop].long(), fc.out_features))
+    pooled = torch.cat([net.head.pool(x) for x in flowing]).double()
+    for _ in batches:
         bar.update()
-    weight, intercept = fit.solve(ridge)
-    logits = torch.cat(pooled).double() @ weight.T + intercept
-    targets = labels[: len(logits)].long()
+    labels = labels[: len(pooled)].long()
+    targets = F.one_hot(labels, fc.out_features)
+    held = torch.arange(len(pooled)) % 5 == 4  # the probe is a seeded random draw: every fifth image is random too
+    if held.sum() < 1 or (~held).sum() < 2:
+        held = torch.zeros(len(pooled), dtype=torch.bool)
+    fit = RidgeFit(fc.in_features, fc.out_features)
+    fit.add(pooled[~held], targets[~held])
     scales = torch.logspace(0, 3, 61, dtype=torch.float64)
-    losses = torch.stack([F.cross_entropy(scale * logits, targets, label_smoothing=0.1) for scale in scales])
-    scale = scales[int(losses.argmin())]
+    check_x, check_y = (pooled[held], labels[held]) if held.any() else (pooled, labels)
+    best = None
+    for ridge in ridges:
+        weight, intercept = fit.solve(ridge)
+        logits = check_x @ weight.T + intercept
+        losses = torch.stack([F.cross_entropy(s * logits, check_y, label_smoothing=0.1) for s in scales])
+        choice = int(losses.argmin())
+        if best is None or float(losses[choice]) < best[0]:
+            accuracy = float((logits.argmax(1) == check_y).double().mean())
+            best = (float(losses[choice]), ridge, float(scales[choice]), accuracy)
+    loss, ridge, scale, accuracy = best
+    report = {"layer": "head", "init": head, "ridge": ridge, "temperature": round(scale, 2),
+              "held_out_images": int(held.sum()), "held_out_loss": round(loss, 4),
+              "held_out_top1": round(100 * accuracy, 2)}
+    if head == "zero":
+        fc.weight.zero_()
+        fc.bias.zero_()
+        return report
+    full = RidgeFit(fc.in_features, fc.out_features)
+    full.add(pooled, targets)
+    weight, intercept = full.solve(ridge)
     fc.weight.copy_(scale * weight)
     fc.bias.copy_(scale * intercept)
-    return {"layer": "head", "residual": round(fit.residual(weight), 4), "temperature": round(float(scale), 2),
-            "probe_loss": round(float(losses.min()), 4)}
+    report["residual"] = round(full.residual(weight), 4)
+    return report

@@ -9,7 +9,7 @@ import torch
 
 from ..errors import ReassemblyError
 from .build import build_network, parse_blocks, pretrained_block
-from .init import least_squares_init
+from .init import HEADS, least_squares_init
 from .io import is_net_dir, save_net
 
 INITS = ("least-squares", "default")
@@ -25,7 +25,7 @@ def probe_split(num_images: int, probe_size: int, seed: int) -> tuple[torch.Tens
 def stitch_stage(blocks: str | list[str], data: str, out: str | Path, *, init: str = "least-squares",
                  probe_size: int = 1000, seed: int = 0, stem: str = "new", token_pool: str = "mean",
                  max_per_class: int | None = None, data_root=None, recalibrate_norms: bool = False,
-                 overwrite: bool = False, progress: bool = True) -> dict:
+                 head: str = "fit", overwrite: bool = False, progress: bool = True) -> dict:
     """Cut the blocks out of the shipped pretrained models, stitch them into a network for the classes of ``data``,
     initialise it (least squares on ``probe_size`` seeded training images of ``data``, or PyTorch's defaults) and
     save it into ``out``. ``max_per_class`` restricts the training split as training will (a seeded draw), so the
@@ -37,6 +37,11 @@ def stitch_stage(blocks: str | list[str], data: str, out: str | Path, *, init: s
     if recalibrate_norms and init != "least-squares":
         raise ReassemblyError("--recalibrate-norms is part of the least-squares initialisation; drop it or use "
                               "--init least-squares")
+    if head != "fit" and init != "least-squares":
+        raise ReassemblyError(f"--head {head} is part of the least-squares initialisation; drop it or use "
+                              "--init least-squares")
+    if head not in HEADS:
+        raise ReassemblyError(f"head must be one of {', '.join(HEADS)}, not {head!r}")
     if probe_size < 1:
         raise ReassemblyError(f"--probe-size {probe_size} leaves no images to initialise the stitches with")
     out = Path(out)
@@ -59,7 +64,7 @@ def stitch_stage(blocks: str | list[str], data: str, out: str | Path, *, init: s
             raise ReassemblyError(f"{train.name} train holds no images to initialise the stitches with")
         probe = train.subset(probe_split(len(train), probe_size, seed)[0])
         report.update(least_squares_init(net, sources, probe.images, probe.labels,
-                                         recalibrate_norms=recalibrate_norms, progress=progress))
+                                         recalibrate_norms=recalibrate_norms, head=head, progress=progress))
         report["probe"] = {"data": train.name, "split": "train", "images": len(probe), "seed": seed}
     info = {"blocks": [ref.spec for ref in net.structure.blocks], "data": train.name, "init": report, "seed": seed,
             "seconds": round(time.time() - started, 1)}
