@@ -16,6 +16,12 @@ the shipped Split-CIFAR one) against a brute force in Python.
 
     python benchmarks/bench_search.py [--seeds 3] [--models 50] [--k 4] [--top-k 20] [--threads 1] [--no-cuts]
                                       [--scaling 5,6]
+
+``--proxies fit,logme,knn,naswot,...`` instead times the whole search on the real partition with each proxy, every
+feasible network assembled and scored (``--budget 1.5M,100M``: the larger Split-CIFAR problem), and prints the time
+per scored network of each and its ratio to the fastest, measured in one run:
+
+    python benchmarks/bench_search.py --proxies fit,logme,knn,naswot,synflow,params --budget 1.5M,100M --threads 1
 """
 
 from __future__ import annotations
@@ -129,6 +135,29 @@ def real_partition(path: Path, top_k: int) -> str:
             f"top-{top_k} equal to brute force: {same}")
 
 
+def proxy_times(path: Path, proxies: list[str], budget: Budget, data: str) -> None:
+    """The search with each proxy over every feasible network of the partition at ``path``: seconds per network."""
+    import tempfile
+
+    from reassembly.search import search_stage
+
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in proxies:
+            start = time.perf_counter()
+            record = search_stage(path, data, budget, proxy=name, seed=0, out=Path(scratch) / f"{name}.json")
+            total = time.perf_counter() - start
+            scoring = record["timings"]["assemble_and_score"]
+            rows.append((name, record["scored"], total, scoring / record["scored"], record["selection"]["kind"]))
+            print(f"{name:>16}: {record['scored']} networks ({record['selection']['kind']}), search {total:.1f} s, "
+                  f"{scoring / record['scored']:.3f} s per scored network", flush=True)
+    fastest = min(per for _, _, _, per, _ in rows)
+    print(f"budget {budget.describe()} on {data}; seconds per scored network, ratio to the fastest:")
+    for name, count, total, per, _ in rows:
+        print(f"  {name:>16} {per:8.3f} s  {per / fastest:6.1f}x  (whole search {total:.1f} s, {count} networks; "
+              f"target for the default proxy: at most 300 s)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
@@ -140,6 +169,9 @@ def main() -> None:
     parser.add_argument("--no-cuts", action="store_true", help="Skip the (slower) enumeration with cut rows.")
     parser.add_argument("--scaling", default="5,6", help="Deeper K to time without exhaustive search ('' for none).")
     parser.add_argument("--partition", type=Path, default=REPO / "results" / "split-cifar" / "partition.json")
+    parser.add_argument("--proxies", default="", help="Time the search on --partition with these proxies instead.")
+    parser.add_argument("--budget", default="1.5M,100M", help="With --proxies: PARAMS,MACS.")
+    parser.add_argument("--data", default="cifar10[5:10]", help="With --proxies: the target task.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO,
@@ -147,6 +179,11 @@ def main() -> None:
     print(f"# machine: {cpu_name()}, {os.cpu_count()} cores, no GPU used; {torch.get_num_threads()} torch thread(s); "
           f"python {platform.python_version()}, scipy {scipy.__version__}; commit {commit}; "
           f"{time.strftime('%Y-%m-%d')}")
+    if args.proxies:
+        params, macs = args.budget.split(",")
+        proxy_times(args.partition, [p.strip() for p in args.proxies.split(",")], Budget.parse(params, macs),
+                    args.data)
+        return
     print(f"synthetic zoos: {args.models} models, K = {args.k}, {args.models ** args.k:,} combinations each, "
           f"{args.forbid:.0%} of pairs forbidden, top-{args.top_k}")
     header = (f"{'seed':>4} {'budget':>6} {'feasible':>10} {'pairs kept':>10} {'solve s':>8} {'HiGHS s':>8} "

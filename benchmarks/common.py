@@ -1,5 +1,5 @@
-"""What the benchmark scripts share: running their jobs in parallel processes, writing a report folder, and
-re-estimating batch-norm statistics."""
+"""What the benchmark scripts share: running their jobs in parallel processes, writing a report folder,
+re-estimating batch-norm statistics, and stitching a network whose fit sees only a given training split."""
 
 from __future__ import annotations
 
@@ -71,3 +71,19 @@ def run_processes(jobs: list[Job], width: int, then: Callable[[], list[Job] | No
                 if process.returncode:
                     failed.append(name)
     return failed
+
+
+def stitched_on(blocks: str, train, probe_size: int = 1000, seed: int = 0, **init):
+    """The network of ``blocks`` for the classes of ``train`` (an ImageDataset), least-squares initialised (the
+    library's defaults, or ``init``'s options) on a seeded probe drawn from ``train`` only, as
+    ``reassembly stitch`` draws it from its data: for studies that must keep a validation split out of the fit."""
+    from reassembly.stitch import build_network, parse_blocks, pretrained_block
+    from reassembly.stitch.init import least_squares_init
+    from reassembly.stitch.stage import probe_split
+
+    sources = [pretrained_block(name, start, stop) for name, start, stop in parse_blocks(blocks)]
+    torch.manual_seed(seed)
+    net = build_network(sources, train.num_classes, classes=list(train.classes))
+    probe = train.subset(probe_split(len(train), min(probe_size, len(train)), seed)[0])
+    report = least_squares_init(net, sources, probe.images, probe.labels, progress=False, **init)
+    return net, report

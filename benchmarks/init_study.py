@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 import torch
-from common import Job, run_processes, write_report
+from common import Job, run_processes, stitched_on, write_report
 from split_cifar import recipe, target_splits, this_machine
 
 from reassembly.io import write_text
@@ -44,28 +44,13 @@ def jobs(args) -> list[dict]:
             for net, variant, lr in itertools.product(args.nets, args.variants, args.lrs)]
 
 
-def stitched(job: dict, splits: dict, per_class: int):
-    """The job's network, its least-squares probe drawn from the fit split only."""
-    from reassembly.stitch import build_network, parse_blocks, pretrained_block
-    from reassembly.stitch.init import least_squares_init
-    from reassembly.stitch.stage import probe_split
-
-    head, recalibrate = VARIANTS[job["variant"]]
-    sources = [pretrained_block(n, a, b) for n, a, b in parse_blocks(NETS[job["net"]])]
-    torch.manual_seed(0)
-    net = build_network(sources, 5, classes=list(splits["fit"].classes))
-    probe = splits["fit"].subset(probe_split(len(splits["fit"]), min(1000, len(splits["fit"])), 0)[0])
-    report = least_squares_init(net, sources, probe.images, probe.labels, recalibrate_norms=recalibrate,
-                                head=head, progress=False)
-    return net, report
-
-
 def run_job(job: dict, out: Path, args) -> None:
     from reassembly.train import train_classifier
 
     torch.set_num_threads(args.threads)
     splits = target_splits(args.per_class)
-    net, report = stitched(job, splits, args.per_class)
+    head, recalibrate = VARIANTS[job["variant"]]
+    net, report = stitched_on(NETS[job["net"]], splits["fit"], head=head, recalibrate_norms=recalibrate)
     run_dir = out / job["name"]
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text(run_dir / "device.json", json.dumps(this_machine()) + "\n")
@@ -105,9 +90,9 @@ def report(args) -> dict:
               "rows": rows}
     lines = ["# Least-squares initialisation variants, fully fine-tuned (validation split)", "",
              f"Command: `{record['command']}`", "",
-             f"Machine: {record['device']}, torch {record['torch']}. Target cifar10[5:10]; probe (1,000 images) and "
-             f"training from the {args.per_class * 4 // 5} per class of the fit split, scored on the "
-             f"{args.per_class // 5} per class held out; {args.epochs} epochs, seed 0.", "",
+             (f"Machine: {record['device']}, torch {record['torch']}. Target cifar10[5:10]; probe (1,000 images) "
+              f"and training from the {args.per_class * 4 // 5} per class of the fit split, scored on the "
+              f"{args.per_class // 5} per class held out; {args.epochs} epochs, seed 0."), "",
              "| network | init | lr | epoch-1 train loss | val top-1 % | head's held-out top-1 before training |",
              "|---|---|---:|---:|---:|---:|"]
     for row in rows:

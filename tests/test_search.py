@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import reassembly
 from reassembly.measure import count_macs, count_params
 from reassembly.search import (
     Budget,
@@ -17,6 +18,7 @@ from reassembly.search import (
     brute_force,
     build_space,
     enumerate_top,
+    feasible_networks,
     get_proxy,
     load_source,
     parse_count,
@@ -28,6 +30,10 @@ from reassembly.search import (
 )
 from reassembly.search.program import best_path
 from reassembly.search.proxies import PROXIES
+from reassembly.search.proxies.common import PartTracker
+from reassembly.search.proxies.naswot import code_kernels, official_hooked
+from reassembly.search.proxies.transfer import knn_accuracy, logme_score
+from reassembly.search.space import own_model_choice
 from reassembly.search.terms import SourceNet, normalised
 from reassembly.stitch import build_network, parse_blocks
 
@@ -156,6 +162,16 @@ def test_a_time_limit_that_stops_the_solver_says_so():
         enumerate_top(problem, Budget(max_params=400_000), top_k=2, time_limit=1e-4)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_feasible_networks_are_every_compatible_network_within_the_budget(seed):
+    problem = random_problem(models=6, positions=4, seed=seed, stage_aligned=seed % 2 == 0)
+    budget = _budget_at(problem, 0.3, minimum="macs") if seed == 3 else _budget_at(problem, 0.3)
+    reference = sorted(choice for _, choice in brute_force(problem, budget))
+    assert reference and feasible_networks(problem, budget) == reference
+    assert feasible_networks(problem, budget, limit=len(reference)) == reference
+    assert feasible_networks(problem, budget, limit=len(reference) - 1) is None  # too many: the program ranks them
+
+
 def test_a_problem_with_no_compatible_network_says_why():
     problem = random_problem(models=3, positions=3, seed=1)
     problem.allowed[1][:] = False
@@ -223,6 +239,33 @@ def test_pair_costs_include_the_stitch(spaces):
     assert space.problem.costs(choice)["params"] == count_params(net) > blocks
 
 
+def test_own_stems_make_every_zoo_model_exactly_a_candidate(zoo, spaces):
+    """A first block may keep its model's stem: the model's own blocks in order are then the model itself with a new
+    head. With the zoo model's classifier copied into that head the network gives the zoo model's logits."""
+    _, sources = zoo
+    space = spaces["dery"]
+    choice = own_model_choice(space, "resnet20_cifar5")
+    assert space.specs(choice) == ["resnet20_cifar5:0-4", "resnet20_cifar5:4-6", "resnet20_cifar5:6-9",
+                                   "resnet20_cifar5:9-10"]
+    assert space.problem.compatible(choice)
+    model = sources["resnet20_cifar5"].model.eval()
+    net = build_network(space.source_blocks(choice), num_classes=5).eval()
+    assert isinstance(net.stem, torch.nn.Identity) and not any(count_params(s) for s in net.stitches)
+    classifier = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    net.head.fc.load_state_dict(classifier.state_dict())
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(net(x), model(x), atol=1e-5)
+    assert space.problem.costs(choice)["params"] == count_params(net) == count_params(model)
+    # the variant keeps the block's set; without own stems there is none
+    variant = next(c for c in space.candidates[0] if c.spec == "resnet20_cifar5:0-4")
+    assert variant.set == next(c for c in space.candidates[0] if c.spec == "resnet20_cifar5:1-4").set
+    record, _ = zoo
+    plain = build_space(record, sources, num_classes=5, own_stems=False)
+    assert own_model_choice(plain, "resnet20_cifar5") is None
+    assert len(plain.candidates[0]) == len(space.candidates[0]) - len(sources)
+
+
 # -- proxies ----------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def small_net(zoo):
@@ -239,7 +282,7 @@ def small_net(zoo):
     return net, batches
 
 
-@pytest.mark.parametrize("name", ["naswot", "synflow", "jacob_cov", "grad_norm", "params", "macs"])
+@pytest.mark.parametrize("name", ["naswot", "naswot_official", "synflow", "jacob_cov", "grad_norm", "params", "macs"])
 def test_each_proxy_scores_a_stitched_zoo_network_deterministically(small_net, name):
     net, batches = small_net
     before = {key: value.clone() for key, value in net.state_dict().items()}
@@ -273,6 +316,114 @@ def test_naswot_counts_functional_activations(zoo):
     images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     terms = get_proxy("naswot").block_terms(net, [(images, torch.zeros(8, dtype=torch.long))], list(net.blocks))
     assert all(term > 1.0 for term in terms)  # log det(K + I) of a block without units would be log det(I) = 0
+
+
+def _naswot_pair(net, images, parts):
+    """naswot and naswot_official on one batch: (units recorded, score, block terms of ``parts``) for each."""
+    batch = [(images, torch.zeros(len(images), dtype=torch.long))]
+    pair = []
+    for name, also in (("naswot", None), ("naswot_official", official_hooked)):
+        kernel, _ = code_kernels(net.train(), images, PartTracker([]), also)  # K[a, a] = number of units recorded
+        proxy = get_proxy(name)
+        pair.append((int(kernel[0, 0]), proxy.score(net, batch), proxy.block_terms(net, batch, parts)))
+    return pair
+
+
+@pytest.fixture(scope="module")
+def tiny_vit():
+    torch.manual_seed(0)
+    net = reassembly.create_model("cifar_vit_tiny", num_classes=3, depth=2, dim=32, heads=2, mlp_ratio=2.0)
+    return net, torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def test_naswot_official_also_codes_linear_and_attention_outputs_of_a_vit(tiny_vit):
+    """The official DeRy code also hooks nn.Linear and attention outputs: per token and block of a ViT, qkv (3d), proj
+    (d), the attention module's output (d: the same tensor as proj's, counted again) and both MLP linears (hidden +
+    d), plus the head's logits; naswot codes only GELU's hidden units per token and block."""
+    net, images = tiny_vit
+    depth, dim, hidden, tokens, classes = 2, 32, 64, 65, 3
+    (units, score, _), (official_units, official_score, _) = _naswot_pair(net, images, [])
+    assert units == depth * tokens * hidden
+    assert official_units == units + depth * tokens * (3 * dim + dim + dim + hidden + dim) + classes
+    assert math.isfinite(score) and official_score > score + 1.0  # naswot's kernel plus a PSD one: higher
+
+
+def test_naswot_official_gives_block_terms_like_naswot(tiny_vit):
+    """Same PartTracker attribution: every block gains its own linear and attention units; the head, a part that is
+    itself hooked, has no activations (naswot: log det(I) = 0) and gets its own logits (its hook runs before the
+    tracker's, which would otherwise close the part first)."""
+    net, images = tiny_vit
+    parts = [*net.blocks, net.head]
+    (_, _, terms), (_, _, official_terms) = _naswot_pair(net, images, parts)
+    assert len(official_terms) == len(terms) == 3 and all(math.isfinite(t) for t in official_terms)
+    assert all(official > plain + 1.0 for official, plain in zip(official_terms[:2], terms[:2], strict=True))
+    assert terms[2] == 0.0 < official_terms[2]
+
+
+def test_naswot_official_adds_only_the_head_to_a_relu_conv_net():
+    """A CIFAR ResNet has F.relu activations, no dropout and one nn.Linear, the head: the official hook set adds only
+    the head's logits (one unit per class), so the kernels differ by exactly the logits' code kernel, the scores by
+    little (3 units next to about 10^5), and the blocks' terms not at all."""
+    torch.manual_seed(0)
+    net = reassembly.create_model("cifar_resnet20", num_classes=3).train()
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    plain, _ = code_kernels(net, images, PartTracker([]))
+    official, _ = code_kernels(net, images, PartTracker([]), official_hooked)
+    with torch.no_grad():
+        codes = (net(images) > 0).double()  # the logits' codes
+    head = codes @ codes.T + (1 - codes) @ (1 - codes).T  # K_head[a, b]: classes on which a and b agree
+    assert torch.equal(official - plain, head) and torch.all(head.diagonal() == 3)
+    parts = [net.layer1, net.layer2, net.layer3, net.linear]
+    (_, score, terms), (_, official_score, official_terms) = _naswot_pair(net, images, parts)
+    assert 0.0 < official_score - score < 1e-2
+    assert official_terms[:3] == terms[:3] and terms[3] == 0.0 < official_terms[3]
+
+
+def test_naswot_official_codes_dropout_outputs():
+    """nn.Dropout is hooked too (its train-mode output: the ReLU codes with the dropped units off)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Dropout(0.5),
+                              torch.nn.Flatten(), torch.nn.Linear(4 * 8 * 8, 2))
+    images = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    (units, _, _), (official_units, _, _) = _naswot_pair(net, images, [])
+    assert units == 4 * 8 * 8 and official_units == 2 * units + 2
+
+
+def test_logme_is_the_maximised_evidence_of_a_bayesian_linear_model():
+    """LogME against a direct maximisation of the marginal likelihood log N(y; 0, F F^T / alpha + I / beta) of each
+    one-hot label column, averaged over classes and divided by N; with fewer and with more features than images."""
+    from scipy.optimize import minimize
+
+    def direct(features, column):
+        f, n = features.numpy(), len(features)
+
+        def negative(log_ab):
+            alpha, beta = np.exp(log_ab)
+            covariance = f @ f.T / alpha + np.eye(n) / beta
+            return 0.5 * (np.linalg.slogdet(covariance)[1] + column @ np.linalg.solve(covariance, column)
+                          + n * np.log(2 * np.pi))
+
+        best = minimize(negative, [0.0, 0.0], method="Nelder-Mead", options={"xatol": 1e-9, "fatol": 1e-12,
+                                                                             "maxiter": 5000})
+        return -best.fun / n
+
+    generator = torch.Generator().manual_seed(0)
+    for n, d in ((60, 8), (20, 50)):
+        features = torch.randn(n, d, generator=generator, dtype=torch.float64)
+        labels = torch.randint(0, 3, (n,), generator=generator)
+        onehot = torch.nn.functional.one_hot(labels).double().numpy()
+        expected = np.mean([direct(features, onehot[:, c]) for c in range(3)])
+        assert logme_score(features, labels) == pytest.approx(expected, abs=1e-5)
+    informative = torch.nn.functional.one_hot(labels, 5).double() + 0.1 * torch.randn(n, 5, generator=generator)
+    assert logme_score(informative, labels) > logme_score(torch.randn(n, 5, generator=generator), labels) + 0.5
+
+
+def test_knn_accuracy_separates_clusters_and_is_near_chance_on_noise():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(200) % 4
+    clusters = 5 * torch.nn.functional.one_hot(labels, 4).float() + torch.randn(200, 4, generator=generator)
+    assert knn_accuracy(clusters, labels) == 100.0
+    assert knn_accuracy(torch.randn(200, 16, generator=generator), labels) < 45
 
 
 def test_users_register_their_own_proxies(small_net):
@@ -314,7 +465,8 @@ def test_target_batches_are_seeded_disjoint_draws():
 def test_search_command_end_to_end_on_the_shipped_partition(tmp_path):
     out = tmp_path / "search.json"
     proc = run("search", str(PARTITION.parent), "--data", "digits", "--params", "0.5M", "--macs", "60M",
-               "--top-k", "3", "--batches", "2", "--batch-size", "16", "--threads", "1", "--out", str(out))
+               "--top-k", "3", "--max-scored", "0", "--batches", "2", "--batch-size", "16", "--threads", "1",
+               "--out", str(out))
     record = json.loads(out.read_text())
     assert record["program"]["status"] == "optimal" and record["program"]["gap"] == 0.0
     assert record["scored"] == 3 and [c["rank"] for c in record["candidates"]] == [1, 2, 3]
@@ -330,7 +482,7 @@ def test_search_command_end_to_end_on_the_shipped_partition(tmp_path):
     choice = record["choice"]
     assert choice["blocks"] == ",".join(record["candidates"][0]["blocks"])
     assert len(parse_blocks(choice["blocks"])) == 4  # what `reassembly stitch --blocks` reads
-    assert "choice:" in proc.stdout and "gap 0.00%" in proc.stdout
+    assert "choice:" in proc.stdout and "the program's top 3" in proc.stdout
 
 
 def test_an_impossible_budget_is_a_one_line_error_with_the_smallest_cost(tmp_path):
@@ -360,7 +512,7 @@ def test_the_size_baseline_needs_no_re_ranking(tmp_path):
     from reassembly.search import search_stage
 
     record = search_stage(PARTITION.parent, "digits", Budget.parse(params="0.4M"), proxy="params", top_k=4,
-                          out=tmp_path / "s.json")
+                          max_scored=0, out=tmp_path / "s.json")
     assert [c["program_rank"] for c in record["candidates"]] == [1, 2, 3, 4]
     assert all(c["proxy"] == c["program_objective"] == c["params"] for c in record["candidates"])
     assert record["candidates"][0]["params"] <= 400_000
@@ -371,9 +523,48 @@ def test_a_latency_budget_is_measured_per_part_and_again_after_assembly(tmp_path
     from reassembly.search import search_stage
 
     record = search_stage(PARTITION.parent, "digits", Budget.parse(params="0.5M", latency="1s"), proxy="params",
-                          top_k=2, latency_repeats=2, out=tmp_path / "s.json")
+                          top_k=2, max_scored=0, latency_repeats=2, out=tmp_path / "s.json")
     assert record["budget"]["latency"] == {"min": None, "max": 1000.0}
     for candidate in record["candidates"]:
         assert candidate["latency_ms"] > 0 and candidate["latency_ms_predicted"] > 0
         assert candidate["within_budget"]
     assert record["choice"]["rank"] == 1
+
+
+def test_a_transfer_proxy_search_scores_every_feasible_network_and_ranks_the_zoo_models(tmp_path):
+    """14 networks fit 0.27M / 41M parameters and MACs for digits' 10 classes, two of them zoo models with their own
+    stems: every one is assembled, fitted and scored (also by LogME and k-NN), the zoo models' ranks are listed, and
+    the fast path (prefixes fitted once, scoring images carried along) gives the score of fitting the network alone."""
+    from reassembly.search.stage import _TargetImages
+    from reassembly.stitch.init import least_squares_init
+
+    out = tmp_path / "search.json"
+    proc = run("search", str(PARTITION.parent), "--data", "digits", "--params", "0.27M", "--macs", "41M",
+               "--proxy", "fit", "--also", "logme,knn", "--probe-size", "100", "--batches", "4", "--batch-size",
+               "16", "--threads", "1", "--out", str(out))
+    record = json.loads(out.read_text())
+    assert record["selection"]["kind"] == "all" and record["scored"] == 14 == len(record["candidates"])
+    zoo = {z["name"]: z for z in record["zoo_models"]}
+    assert zoo["resnet20_cifar5"]["rank"] and zoo["resnet20_fashion"]["rank"]
+    assert zoo["vgg11_cifar5"]["rank"] is None and zoo["vgg11_cifar5"]["note"] == "over the budget"
+    assert f"zoo model resnet20_cifar5 (269.72K, 40.55M MACs): rank {zoo['resnet20_cifar5']['rank']} of 14" \
+        in proc.stdout
+    scores = [c["proxy"] for c in record["candidates"]]
+    assert scores == sorted(scores, reverse=True) and all(0 <= s <= 100 for s in scores)
+    assert all(set(c["scores"]) == {"fit", "logme", "knn"} for c in record["candidates"])
+    assert record["choice"]["blocks"] == ",".join(record["candidates"][0]["blocks"])
+    # the same network fitted alone on the same probe, scored on the same images
+    sources = {name: load_source(name) for name in ("resnet20_cifar5", "resnet20_fashion", "resnet32_cifar5")}
+    images = _TargetImages("digits", sources, None, None, True, 100, 4, 16, 0)
+    for candidate in record["candidates"]:
+        blocks = [sources[name].source_block(*map(int, span.split("-")))
+                  for name, span in (spec.split(":") for spec in candidate["blocks"])]
+        torch.manual_seed(0)
+        net = build_network(blocks, num_classes=10)
+        least_squares_init(net, blocks, images.probe[(3, 32, 32)].images, images.probe[(3, 32, 32)].labels,
+                           progress=False)
+        batches = normalised(images.raw[(3, 32, 32)], net.input_normalization["mean"],
+                             net.input_normalization["std"])
+        assert get_proxy("fit").score(net, batches) == pytest.approx(candidate["proxy"], abs=1e-9)
+        assert get_proxy("logme").score(net, batches) == pytest.approx(candidate["scores"]["logme"], abs=1e-4)
+        sources = {name: load_source(name) for name in sources}  # the fit re-estimated their norms

@@ -425,3 +425,96 @@ def test_a_block_from_scratch_has_the_pretrained_architecture_and_fresh_weights(
     assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
     weights = [k for k in a if a[k].ndim > 1]
     assert weights and not any(torch.equal(a[k], b[k]) for k in weights)
+
+
+# -- the least-squares head ------------------------------------------------------------------------------------------
+class _Head(torch.nn.Module):
+    def __init__(self, width: int, classes: int):
+        super().__init__()
+        self.pool, self.fc = torch.nn.Identity(), torch.nn.Linear(width, classes)
+
+
+def _fit_head_on(features, labels, head="fit"):
+    from types import SimpleNamespace
+
+    from reassembly.stitch.init import HEAD_RIDGES, _fit_head
+
+    net = SimpleNamespace(head=_Head(features.shape[1], int(labels.max()) + 1))
+    bar = SimpleNamespace(update=lambda: None)
+    with torch.no_grad():
+        report = _fit_head(net, [features], labels, [(0, len(features))], HEAD_RIDGES, bar, head)
+    return net.head.fc, report
+
+
+def test_the_head_penalty_and_temperature_are_chosen_on_held_out_probe_images():
+    """Features that say nothing of the labels: a head chosen on its own fit images would fit the noise, the held-out
+    choice takes the largest penalty and reports chance accuracy. Separable features: a small penalty, and the
+    held-out images are classified."""
+    from reassembly.stitch.init import HEAD_RIDGES
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 5, (300,), generator=generator)
+    noise = torch.randn(300, 150, generator=generator)
+    _, report = _fit_head_on(noise, labels)
+    assert report["ridge"] == max(HEAD_RIDGES) and report["held_out_images"] == 60
+    assert report["held_out_top1"] < 40
+    signal = 3 * torch.nn.functional.one_hot(labels, 20).float() + 0.3 * torch.randn(300, 20, generator=generator)
+    fc, report = _fit_head_on(signal, labels)
+    assert report["ridge"] < max(HEAD_RIDGES) and report["held_out_top1"] > 95
+    assert (fc(signal).argmax(1) == labels).float().mean() > 0.95
+
+
+def test_a_zero_head_starts_at_log_c_and_still_reports_how_good_a_fit_would_be():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (100,), generator=generator)
+    signal = 3 * torch.nn.functional.one_hot(labels, 8).float() + 0.3 * torch.randn(100, 8, generator=generator)
+    fc, report = _fit_head_on(signal, labels, head="zero")
+    assert not fc.weight.any() and not fc.bias.any() and report["init"] == "zero"
+    assert report["held_out_top1"] > 90 and "residual" not in report
+
+
+def test_stitch_head_options_on_the_command_line(tmp_path):
+    run("stitch", "--blocks", "resnet20_cifar5:1-4", "--data", "digits", "--probe-size", "100", "--head", "zero",
+        "--no-recalibrate-norms", "--out", str(tmp_path / "zero"))
+    info = json.loads((tmp_path / "zero" / "structure.json").read_text())["info"]["init"]
+    assert "recalibrated_norms" not in info and info["fits"][-1]["init"] == "zero"
+    assert not load_net(tmp_path / "zero").head.fc.weight.any()
+    proc = run("stitch", "--blocks", "resnet20_cifar5:1-4", "--data", "digits", "--init", "default", "--head", "zero",
+               "--out", str(tmp_path / "bad"), check_ok=False)
+    assert_one_line_error(proc, "--head zero", "--init least-squares")
+    proc = run("stitch", "--blocks", "resnet20_cifar5:1-4", "--data", "digits", "--init", "default",
+               "--recalibrate-norms", "--out", str(tmp_path / "bad"), check_ok=False)
+    assert_one_line_error(proc, "--recalibrate-norms", "--init least-squares")
+
+
+def test_a_fit_cache_gives_every_network_exactly_its_own_fit(tmp_path):
+    """Networks fitted one after another through a FitCache (the search) start from the longest prefix fitted before;
+    each must come out as if fitted alone, and the carried images must be the fitted network's pooled features."""
+    from reassembly.data import load_dataset, normalize
+    from reassembly.stitch.init import FitCache
+
+    train = load_dataset("digits", "train", image_size=32, channels=3, max_per_class=20, seed=0)
+    probe, other = train.images[:120], train.images[120:150]
+    specs = ["resnet20_cifar5:1-4,resnet20_cifar5:4-6,mobilenetv2_cifar5:7-13",
+             "resnet20_cifar5:1-4,resnet20_cifar5:4-6,resnet32_cifar5:10-13",
+             "resnet20_cifar5:1-4,vgg11_cifar5:2-3,mobilenetv2_cifar5:7-13",
+             "resnet20_cifar5:0-4,resnet20_cifar5:4-6,resnet20_cifar5:6-9"]
+    cache = FitCache(probe, other)
+    for spec in specs:
+        nets = []
+        for cached in (True, False):
+            blocks = [pretrained_block(*b) for b in parse_blocks(spec)]
+            torch.manual_seed(0)
+            net = build_network(blocks, num_classes=10)
+            report = least_squares_init(net, blocks, probe, train.labels[:120], batch_size=50, progress=False,
+                                        cache=cache if cached else None)
+            nets.append((net, report))
+        (fast, fast_report), (alone, alone_report) = nets
+        for (name, a), (_, b) in zip(fast.state_dict().items(), alone.state_dict().items()):
+            assert torch.allclose(a.double(), b.double(), atol=1e-5), (spec, name)
+        assert [f.get("residual") for f in fast_report["fits"]] == [f.get("residual") for f in alone_report["fits"]]
+        with torch.no_grad():
+            x = normalize(other, alone.structure.mean, alone.structure.std)
+            pooled = alone.head.pool(alone.eval().features(x))
+        assert torch.allclose(fast_report["carried"], pooled, atol=1e-4)
+    assert len(cache.prefixes) == 3  # only the prefixes of the last network are kept

@@ -685,10 +685,10 @@ def partition_cmd(similarity_dir, k, eps, size, general, block_similarity, debia
 @click.option("--max-per-class", type=POSITIVE, default=None,
               help="Draw probe images only from this many training images per class (the subset `reassembly "
                    "train --max-per-class` trains on).")
-@click.option("--recalibrate-norms", is_flag=True,
-              help="With least-squares: re-estimate each pretrained block's batch-norm statistics on the probe "
-                   "before fitting what follows it, so the fit matches the batch statistics training normalises "
-                   "by (experimental; see results/split-cifar-table-1.5M).")
+@click.option("--recalibrate-norms/--no-recalibrate-norms", default=None,
+              help="With least-squares (default on): re-estimate each pretrained block's batch-norm statistics on the "
+                   "probe before fitting what follows it, so the fit matches the batch statistics training "
+                   "normalises by (results/split-cifar-table-1.5M, results/init-study).")
 @click.option("--head", type=click.Choice(["fit", "zero"]), default="fit", show_default=True,
               help="With least-squares: fit: a ridge classifier, its penalty and temperature chosen on held-out "
                    "probe images; zero: a zeroed head (start loss log C).")
@@ -965,12 +965,16 @@ def assemble_cmd(components, out_dir, merge, scale, data_spec, scale_per_class, 
 @click.option("--block-norm", type=click.Choice(["eval", "train"]), default="eval", show_default=True,
               help="Frozen mode: keep the blocks' batch-norm statistics (eval) or let them update (train, as the "
                    "official code did).")
+@click.option("--head-start", type=click.Choice(["zero", "fitted"]), default=None,
+              help="Start from a zeroed head or the stitched (least-squares) one; default: zero for full "
+                   "fine-tuning (it beat the fitted head on the validation split, results/init-study), fitted for "
+                   "frozen training.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", default=None, type=OutputDir(),
               help="Run directory (default NET/train-MODE); an unfinished run there is resumed.")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Folder holding the datasets.")
-def train_cmd(net_dir, data_spec, mode, epochs, lr, batch_size, max_per_class, augment, flip, block_norm, seed, out,
-              data_root):
+def train_cmd(net_dir, data_spec, mode, epochs, lr, batch_size, max_per_class, augment, flip, block_norm, head_start,
+              seed, out, data_root):
     """Train a stitched network (from `reassembly stitch`) on its target task.
 
     AdamW, warm-up then cosine decay, label smoothing 0.1, random crops and flips; a checkpoint after every epoch,
@@ -996,7 +1000,8 @@ def train_cmd(net_dir, data_spec, mode, epochs, lr, batch_size, max_per_class, a
     except ValidationError as exc:
         raise ReassemblyError(f"invalid training setting: {validation_message(exc)}") from None
     result = train_network(net_dir, data_spec, mode, recipe=recipe, out=out, seed=seed, block_norm=block_norm,
-                           max_per_class=max_per_class, data_root=data_root, progress=sys.stderr.isatty())
+                           max_per_class=max_per_class, data_root=data_root, head_start=head_start,
+                           progress=sys.stderr.isatty())
     final = result["final"]
     if final:
         click.echo(f"epoch {final['epoch']}/{recipe.epochs}: train loss {final['train_loss']:.3f}, "
@@ -1292,9 +1297,23 @@ def report_cmd(run_dir, out, open_page):
 @click.option("--min-macs", default=None, help="Fewest MACs.")
 @click.option("--min-latency", default=None, help="Least latency, e.g. 1ms.")
 @click.option("--proxy", default="naswot", show_default=True,
-              help="naswot, synflow, jacob_cov, grad_norm, params, macs, or MODULE:FUNCTION for your own.")
+              help="Transfer proxies, scored after a least-squares fit of each network: fit, fit_loss, logme, knn. "
+                   "Architecture proxies, at the default initialisation: naswot, naswot_official, synflow, "
+                   "jacob_cov, grad_norm. Baselines: params, macs. Or MODULE:FUNCTION for your own.")
+@click.option("--also", default="", metavar="PROXY,...",
+              help="Also score the same networks with these proxies (each candidate's `scores` in search.json); "
+                   "the ranking stays --proxy's.")
+@click.option("--max-scored", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="Assemble and score every network within the budget when there are at most this many; above "
+                   "it, only the program's --top-k by a surrogate objective (0: always the program).")
 @click.option("--top-k", type=POSITIVE, default=20, show_default=True,
-              help="Networks the program enumerates, best first; each is assembled and scored by the proxy.")
+              help="Above --max-scored: networks the program enumerates by the surrogate, best first; each is "
+                   "assembled and scored by the proxy.")
+@click.option("--probe-size", type=click.IntRange(min=2), default=256, show_default=True,
+              help="Transfer proxies: training images each network is fitted on (the proxy's batches are drawn "
+                   "from the others).")
+@click.option("--own-stems/--no-own-stems", default=True, show_default=True,
+              help="Let a first block keep its model's own stem, so that every zoo model is itself a candidate.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the target batches and of the stem, stitch and head initialisation.")
 @click.option("--batches", type=POSITIVE, default=5, show_default=True, help="Target batches the proxy averages over.")
@@ -1313,16 +1332,21 @@ def report_cmd(run_dir, out, open_page):
 @click.option("--out", default=None, type=OutputFile(),
               help="Where to write the result (default: search.json beside partition.json).")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Folder holding the datasets.")
-def search_cmd(partition_dir, data_spec, params, macs, latency, min_params, min_macs, min_latency, proxy, top_k, seed,
-               batches, batch_size, order, method, time_limit, max_per_class, threads, out, data_root):
+def search_cmd(partition_dir, data_spec, params, macs, latency, min_params, min_macs, min_latency, proxy, also,
+               max_scored, top_k, probe_size, own_stems, seed, batches, batch_size, order, method, time_limit,
+               max_per_class, threads, out, data_root):
     """DeRy stage 3: pick one block per equivalence set, within a budget, ranked by a training-free proxy.
 
-    DIR holds partition.json (from `reassembly partition`). Every block gets a proxy term, measured inside its
-    own pretrained model on --batches seeded batches of --data's training images. An exact 0-1 program (HiGHS)
-    then finds the --top-k networks with the largest sum of terms that meet the budget and the compatibility
-    rules: every block runs on the grid it was trained on, no pair a stitch cannot join, DeRy's order rule.
-    Parameters and MACs count the whole network: stem, blocks, stitches and head. Each of the k networks is
-    assembled (default initialisation, no training) and re-ranked by the proxy on the network itself.
+    DIR holds partition.json (from `reassembly partition`). A network takes one block per set and must meet the
+    budget and the compatibility rules: every block runs on the grid it was trained on, no pair a stitch cannot
+    join, DeRy's order rule. Parameters and MACs count the whole network: stem, blocks, stitches and head. A first
+    block may keep its model's own stem, so each zoo model is itself a candidate (where each ranked is printed).
+
+    When at most --max-scored networks meet the budget, every one is assembled and scored by the proxy on
+    --batches seeded batches of --data's training images (a transfer proxy first fits the network in closed
+    form on --probe-size other images, as `reassembly stitch` does). Otherwise an exact 0-1 program (HiGHS)
+    finds the --top-k networks with the largest sum of per-block proxy terms (each measured inside its own
+    pretrained model) and only those are scored.
 
     search.json lists the ranked candidates, the program's status and optimality gap, and the choice; pass the
     choice on with `reassembly stitch --blocks "$(jq -r .choice.blocks search.json)"`. Sizes take K, M, G
@@ -1343,7 +1367,10 @@ def search_cmd(partition_dir, data_spec, params, macs, latency, min_params, min_
     budget = Budget.parse(params, macs, latency, min_params, min_macs, min_latency)
     record = search_stage(partition_dir, data_spec, budget, proxy=proxy, top_k=top_k, seed=seed, batches=batches,
                           batch_size=batch_size, order=order, method=method, time_limit=time_limit, out=out,
-                          data_root=data_root, max_per_class=max_per_class, progress=sys.stderr.isatty())
+                          data_root=data_root, max_per_class=max_per_class, max_scored=max_scored,
+                          probe_size=probe_size, own_stems=own_stems,
+                          also=tuple(name.strip() for name in also.split(",") if name.strip()),
+                          progress=sys.stderr.isatty())
     program = record["program"]
     latency_column = any("latency_ms" in c for c in record["candidates"])
     headers = ["rank", "program", record["proxy"]["name"], "params", "MACs"] + (["ms"] if latency_column else []) + \
@@ -1355,10 +1382,12 @@ def search_cmd(partition_dir, data_spec, params, macs, latency, min_params, min_
         rows.append([c["rank"], c["program_rank"], score, human(c["params"]), human(c["macs"])]
                     + ([f"{c['latency_ms']:.2f}"] if latency_column else []) + [",".join(c["blocks"]) + mark])
     click.echo(format_table(headers, rows, "rrrrr" + ("r" if latency_column else "") + "l"))
-    click.echo(f"program: {program['status']}, gap {program['gap']:.2%}; {program['enumerated']} networks of "
-               f"{program['space']:,} combinations enumerated ({program['solves']} solves, "
-               f"{program['seconds']:.2f} s); {record['scored']} assembled and scored by {record['proxy']['name']} "
-               f"({record['timings']['assemble_and_score']:.1f} s)")
+    click.echo(f"scored {record['selection']['text']} ({program['space']:,} combinations; "
+               f"{record['timings']['assemble_and_score']:.1f} s to assemble and score by {record['proxy']['name']})")
+    for zoo in record["zoo_models"]:
+        where = f"rank {zoo['rank']} of {record['scored']}" if zoo["rank"] else zoo["note"]
+        size = f" ({human(zoo['params'])}, {human(zoo['macs'])} MACs)" if zoo.get("params") else ""
+        click.echo(f"zoo model {zoo['name']}{size}: {where}")
     for note in record["notes"]:
         click.echo(f"note: {note}")
     click.echo(f"choice: {record['choice']['blocks']} ({record['choice']['summary']})")

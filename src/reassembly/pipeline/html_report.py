@@ -29,7 +29,13 @@ from ..io import write_text
 from ..plots import png_bytes
 from ..text import human
 from .ledger import STAMPS
-from .report import REASSEMBLED, comparison_legend, comparison_rows
+from .report import (
+    REASSEMBLED,
+    comparison_legend,
+    comparison_rows,
+    selection_text,
+    zoo_text,
+)
 from .run import RESOLVED
 
 REPORT = "report.html"
@@ -286,10 +292,9 @@ def _search(run: _Run) -> str:
     if record is None:
         return _missing("search.json", "search")
     program, proxy = record["program"], record["proxy"]
-    intro = (f"<p>The exact 0-1 program ({_e(program['solver'])}: {_e(program['status'])}, gap "
-             f"{program['gap']:.2%}) enumerated the {program['enumerated']} best of {program['space']:,} "
-             f"combinations within <em>{_e(record['budget_text'])}</em>; each was assembled and re-ranked by "
-             f"{_e(proxy['name'])} ({_e(proxy.get('description', ''))}) on target images.</p>")
+    intro = (f"<p>Scored: {_e(selection_text(record))}, of {program['space']:,} combinations within "
+             f"<em>{_e(record['budget_text'])}</em>; each was assembled and ranked by {_e(proxy['name'])} "
+             f"({_e(proxy.get('description', ''))}) on target images{_e(zoo_text(record))}.</p>")
     unscored = sum(c.get("proxy") is None for c in record["candidates"])
     caption = ("Each candidate at its parameters and proxy score, labelled with its rank; the star is the choice. "
                + (f"{unscored} candidates the proxy could not score (-inf) are not drawn." if unscored else ""))
@@ -303,7 +308,7 @@ def _search(run: _Run) -> str:
         if c["rank"] == record["choice"]["rank"]:
             marked.add(index)
     notes = "".join(f"<p>note: {_e(note)}</p>" for note in record.get("notes", []))
-    return intro + figure + _table(["rank", "program rank", f"{proxy['name']} score", "params", "MACs", "blocks"], rows,
+    return intro + figure + _table(["rank", "surrogate rank", f"{proxy['name']} score", "params", "MACs", "blocks"], rows,
                                    "rrrrrl", marked) + notes
 
 

@@ -175,7 +175,10 @@ class SearchSection(_Section):
 
     budget: BudgetSection
     proxy: str = "naswot"
+    max_scored: int = Field(1000, ge=0)
     top_k: int = Field(20, ge=1)
+    probe_size: int = Field(256, ge=2)
+    own_stems: bool = True
     batches: int = Field(5, ge=1)
     batch_size: int = Field(32, ge=2)
     order: Literal["dery", "any"] = "dery"
@@ -196,6 +199,8 @@ class StitchSection(_Section):
 
     init: Literal["least-squares", "default"] = "least-squares"
     probe_size: int = Field(1000, ge=1)
+    recalibrate_norms: bool | None = None  # None: with least squares
+    head: Literal["fit", "zero"] = "fit"
     stem: Literal["new", "none"] = "new"
     token_pool: Literal["mean", "cls"] = "mean"
 
@@ -213,6 +218,7 @@ class TrainSection(_Section):
     augment: bool = TRAIN_DEFAULTS.augment
     flip: bool = TRAIN_DEFAULTS.flip
     block_norm: Literal["eval", "train"] = "eval"
+    full_head_start: Literal["zero", "fitted"] = "zero"  # what full fine-tuning starts from (frozen: the fitted one)
 
     @field_validator("modes", mode="before")
     @classmethod
@@ -228,7 +234,7 @@ class TrainSection(_Section):
 
     def recipe(self) -> TrainRecipe:
         """The training recipe: ``reassembly train``'s defaults with this section's values."""
-        fields = self.model_dump(exclude={"modes", "block_norm"})
+        fields = self.model_dump(exclude={"modes", "block_norm", "full_head_start"})
         return TrainRecipe(**{**TRAIN_DEFAULTS.model_dump(), **fields})
 
 

@@ -181,6 +181,21 @@ def _markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
+def selection_text(search: dict) -> str:
+    """Which networks a search scored, in words (records before ``selection`` was kept: the program's top k)."""
+    if "selection" in search:
+        return search["selection"]["text"]
+    program = search["program"]
+    return (f"the exact 0-1 program's ({program['status']}, gap {program['gap']:.2%}) {search['scored']} best networks "
+            f"by their blocks' {search['proxy']['name']} terms")
+
+
+def zoo_text(search: dict) -> str:
+    """Where the zoo models within the budget ranked, as a clause (empty for records without them)."""
+    ranked = [f"`{z['name']}` {z['rank']}" for z in search.get("zoo_models", []) if z.get("rank")]
+    return f"; the zoo models themselves rank {', '.join(ranked)}" if ranked else ""
+
+
 def model_card(recipe: Recipe, run_dir: Path, record: dict, command: str) -> str:
     """MODEL_CARD.md of the reassembled network: what it is made of and where each part comes from, its cost and
     accuracy, how it was chosen and trained, and the command that makes it again."""
@@ -259,10 +274,10 @@ Made by `reassembly run` (DeRy: similarity, partition, search, stitch, train) fr
 - **Partition**: every model cut into K = {config['k']} blocks forming {config['k']} equivalence sets
   (eps {config['eps']}, size cap in {config['size']}, best of {config['restarts']} restarts, score
   {partition['score']:.3f}); `partition.json`.
-- **Search**: one block per set within the budget. The exact 0-1 program ({program['status']}, gap
-  {program['gap']:.2%}) enumerated the {search['scored']} best networks by their blocks' {proxy} terms among
-  {program['space']:,} combinations; each was assembled and re-ranked by {proxy} on target images. This network ranks
-  {chosen['rank']} ({proxy} {score}; program rank {chosen_row.get('program_rank', '?')}); `search.json`.
+- **Search**: one block per set within the budget, among {program['space']:,} combinations. Scored:
+  {selection_text(search)}; each was assembled and ranked by {proxy} on target images. This network ranks
+  {chosen['rank']} ({proxy} {score}; surrogate rank {chosen_row.get('program_rank', '?')}){zoo_text(search)};
+  `search.json`.
 - **Stitch**: new stitches, stem and head, {'fitted by least squares' if record['fit']['method'] == 'least-squares' else 'PyTorch default initialisation'}{f" on {record['fit']['probe_images']:,} target training images" if record['fit']['probe_images'] else ''}; `net/`.
 
 ## Training

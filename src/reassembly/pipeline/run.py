@@ -147,7 +147,8 @@ class _Pipeline:
     def stages(self) -> list[_Stage]:
         r = self.recipe
         data = {"target": r.data.target, "max_per_class": r.data.max_per_class, "seed": r.seed}
-        train = {"recipe": r.train.recipe().model_dump(), "block_norm": r.train.block_norm}
+        train = {"recipe": r.train.recipe().model_dump(), "block_norm": r.train.block_norm,
+                 "full_head_start": r.train.full_head_start}
         stages = [
             _Stage("similarity", {**r.similarity.model_dump(), "zoo": r.zoo_models, "weights": self._weights(),
                                   "seed": r.seed},
@@ -256,7 +257,8 @@ class _Pipeline:
         search_stage(self.run_dir / "partition.json", r.data.target, s.budget.budget(), proxy=s.proxy, top_k=s.top_k,
                      seed=r.seed, batches=s.batches, batch_size=s.batch_size, order=s.order, method=s.method,
                      time_limit=s.time_limit, out=self.run_dir / "search.json", data_root=r.data.root,
-                     max_per_class=r.data.max_per_class, progress=self.progress)
+                     max_per_class=r.data.max_per_class, max_scored=s.max_scored, probe_size=s.probe_size,
+                     own_stems=s.own_stems, progress=self.progress)
         return True
 
     def _stitch(self) -> bool:
@@ -266,7 +268,7 @@ class _Pipeline:
         blocks = json.loads((self.run_dir / "search.json").read_text())["choice"]["blocks"]
         stitch_stage(blocks, r.data.target, self.run_dir / "net", init=s.init, probe_size=s.probe_size, seed=r.seed,
                      stem=s.stem, token_pool=s.token_pool, max_per_class=r.data.max_per_class, data_root=r.data.root,
-                     overwrite=True, progress=self.progress)
+                     recalibrate_norms=s.recalibrate_norms, head=s.head, overwrite=True, progress=self.progress)
         return True
 
     def _train(self, mode: str, net_dir: Path | None = None, stop_after: int | None = None) -> bool:
@@ -279,7 +281,8 @@ class _Pipeline:
         recipe = r.train.recipe()
         summary = train_network(net_dir, r.data.target, mode, recipe=recipe, out=net_dir / f"train-{mode}",
                                 seed=r.seed, block_norm=r.train.block_norm, max_per_class=r.data.max_per_class,
-                                data_root=r.data.root, progress=self.progress, stop_after=stop_after)
+                                data_root=r.data.root, progress=self.progress, stop_after=stop_after,
+                                head_start=r.train.full_head_start if mode == "full" else "fitted")
         return summary["epochs"] == recipe.epochs
 
     def _baselines(self) -> bool:
@@ -304,7 +307,7 @@ class _Pipeline:
         r, s = self.recipe, self.recipe.stitch
         stitch_stage(blocks, r.data.target, net_dir, init=s.init, probe_size=s.probe_size, seed=r.seed, stem="none",
                      token_pool=s.token_pool, max_per_class=r.data.max_per_class, data_root=r.data.root,
-                     overwrite=True, progress=self.progress)
+                     recalibrate_norms=s.recalibrate_norms, head=s.head, overwrite=True, progress=self.progress)
 
     def _baseline_files(self) -> list[Path]:
         directory = self.run_dir / "baselines"

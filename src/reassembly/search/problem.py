@@ -138,6 +138,43 @@ def brute_force(problem: Problem, budget: Budget | None = None, top_k: int | Non
     return found if top_k is None else found[:top_k]
 
 
+def feasible_networks(problem: Problem, budget: Budget | None = None, limit: int | None = None
+                      ) -> list[tuple[int, ...]] | None:
+    """Every compatible choice within ``budget``, in lexicographic order of the choice, or ``None`` as soon as
+    there are more than ``limit``. A depth-first walk over the pruned problem (:func:`prune`) that stops a prefix
+    once a bounded maximum is passed (every cost is non-negative), so its time grows with the feasible networks,
+    not with the space. The search scores every one of them when they are few enough."""
+    budget = budget or Budget()
+    pruned = prune(problem, budget) if budget.resources else problem
+    maxima = {r: budget.bounds(r)[1] for r in budget.resources if r in problem.unary and budget.bounds(r)[1] is not None}
+    needed = problem.set_ids
+    found: list[tuple[int, ...]] = []
+
+    def extend(prefix: list[int], costs: dict[str, float], used: frozenset[int]) -> bool:
+        k = len(prefix)
+        if k == problem.positions:
+            if sorted(used) == needed and budget.admits(costs):
+                found.append(tuple(prefix))
+            return limit is None or len(found) <= limit
+        for i in np.flatnonzero(pruned.usable[k]):
+            i = int(i)
+            if k and not pruned.allowed[k - 1][prefix[-1], i]:
+                continue
+            owner = int(problem.sets[k][i])
+            if owner in used:
+                continue
+            step = {r: costs[r] + float(problem.unary[r][k][i])
+                    + (float(problem.pair[r][k - 1][prefix[-1], i]) if k else 0.0) for r in costs}
+            if any(step[r] > high * (1 + 1e-9) for r, high in maxima.items()):
+                continue
+            if not extend([*prefix, i], step, used | {owner}):
+                return False
+        return True
+
+    complete = extend([], {r: 0.0 for r in problem.resources}, frozenset())
+    return found if complete else None
+
+
 def random_problem(models: int = 8, positions: int = 4, seed: int = 0, forbid: float = 0.25,
                    stage_aligned: bool = True, pair_terms: bool = False, latency: bool = False) -> Problem:
     """A synthetic zoo: ``models`` models cut into ``positions`` blocks each. Block sizes vary over two orders of

@@ -148,8 +148,11 @@ class SearchSpace:
             raise ReassemblyError(f"{', '.join(specs)} is not one block per position of this partition") from None
 
 
-def read_candidates(record: dict, sources: dict[str, SourceModel]) -> list[list[Candidate]]:
-    """The partition's blocks as candidates, position = stage index in their model, checked against the chains."""
+def read_candidates(record: dict, sources: dict[str, SourceModel], own_stems: bool = True) -> list[list[Candidate]]:
+    """The partition's blocks as candidates, position = stage index in their model, checked against the chains.
+    With ``own_stems``, every first block that starts after its model's input also comes as a variant that keeps
+    the nodes before it (the model's own stem, ``NAME:0-STOP``), so that a model's own blocks in order are exactly
+    that model with a new head: each zoo model within the budget is a candidate of the search."""
     k = int(record["config"]["k"])
     positions: list[list[Candidate]] = [[] for _ in range(k)]
     for model in record["models"]:
@@ -172,7 +175,28 @@ def read_candidates(record: dict, sources: dict[str, SourceModel]) -> list[list[
                 input=input_end(chain, start), output=output_end(chain, stop), fixed=fixed_input(chain[start:stop]),
                 in_shape=tuple(node_in.in_shape), out_shape=tuple(node_out.out_shape),
                 input_size=source.input_size))
+            if own_stems and stage == 0 and start > 0:
+                before = chain.nodes[:start]
+                positions[0].append(dataclasses.replace(
+                    positions[0][-1], spec=f"{model['name']}:0-{stop}", start=0,
+                    params=positions[0][-1].params + sum(int(node.params) for node in before),
+                    macs=positions[0][-1].macs + sum(int(node.macs) for node in before),
+                    input=input_end(chain, 0), fixed=fixed_input(chain[0:stop]), in_shape=tuple(chain[0].in_shape)))
     return positions
+
+
+def own_model_choice(space: SearchSpace, name: str) -> tuple[int, ...] | None:
+    """The choice that is model ``name`` itself (its own stem and every block in order, a new head), if the space
+    holds it."""
+    lookup = [{(c.model, c.start): i for i, c in enumerate(position)} for position in space.candidates]
+    choice, start = [], 0
+    for k, position in enumerate(space.candidates):
+        index = lookup[k].get((name, start))
+        if index is None:
+            return None
+        choice.append(index)
+        start = position[index].stop
+    return tuple(choice)
 
 
 def _first_rule(candidate: Candidate, source: SourceModel, order: str) -> tuple[StemPlan | None, str | None]:
@@ -220,11 +244,12 @@ def _pair_rule(a: Candidate, b: Candidate, order: str) -> tuple[StitchPlan | Non
 
 
 def build_space(record: dict, sources: dict[str, SourceModel], num_classes: int, order: str = "dery",
-                latency: bool = False, latency_repeats: int = 20) -> SearchSpace:
-    """Candidates, compatibility and exact costs of the partition ``record`` for a head of ``num_classes``."""
+                latency: bool = False, latency_repeats: int = 20, own_stems: bool = True) -> SearchSpace:
+    """Candidates, compatibility and exact costs of the partition ``record`` for a head of ``num_classes``
+    (``own_stems``: see :func:`read_candidates`)."""
     if order not in ORDERS:
         raise ReassemblyError(f"order must be one of {', '.join(ORDERS)}, not {order!r}")
-    candidates = read_candidates(record, sources)
+    candidates = read_candidates(record, sources, own_stems)
     positions = len(candidates)
     resources = ("params", "macs", "latency") if latency else ("params", "macs")
     unary = {r: [np.zeros(len(c)) for c in candidates] for r in resources}

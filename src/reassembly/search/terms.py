@@ -3,7 +3,8 @@
 A zoo model runs as its own stem nodes, then its partition blocks (the *parts* whose terms are wanted), then a fresh
 head for the target's classes (global pooling and a linear layer, as an assembled network's head, initialised from
 the seed): :class:`SourceNet`. The proxy scores it on the target batches (normalised as that model was trained) and
-attributes what it measures to the blocks (see each proxy's module for its block term). Every block thus gets a
+attributes what it measures to the blocks (see each proxy's module for its block term). A first block that keeps
+its model's own stem gets the term of the block it extends. Every block thus gets a
 term measured in the context it was trained in, one forward pass per model and batch, instead of one per candidate
 network; the program adds the terms of the blocks it picks.
 
@@ -53,8 +54,14 @@ def block_terms(space: SearchSpace, proxy: Proxy, batches: dict[tuple, list], se
     larger is better, and the notes on replaced terms. ``batches[input_size]`` holds the raw (uint8) target batches
     at each model input size."""
     by_model: dict[str, list[tuple[int, int]]] = {}
+    own_stem: dict[str, str] = {}  # a first block with its model's own stem -> the block it extends (same term)
     for position in space.candidates:
         for candidate in position:
+            base = next((c for c in space.candidates[0] if c.model == candidate.model and c.stop == candidate.stop
+                         and c.start > candidate.start), None) if candidate.position == 0 else None
+            if base is not None:
+                own_stem[candidate.spec] = base.spec
+                continue
             by_model.setdefault(candidate.model, []).append((candidate.start, candidate.stop))
     measured: dict[str, float] = {}
     for name, ranges in by_model.items():
@@ -67,6 +74,7 @@ def block_terms(space: SearchSpace, proxy: Proxy, batches: dict[tuple, list], se
             raise ProxyError(f"proxy {proxy.name} gave no block terms for {name}")
         for (start, stop), term in zip(ranges, terms):
             measured[f"{name}:{start}-{stop}"] = term
+    measured.update({variant: measured[base] for variant, base in own_stem.items()})
     terms, notes = [], []
     for position in space.candidates:
         values = [proxy.sign * measured[c.spec] for c in position]

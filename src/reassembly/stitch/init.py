@@ -12,11 +12,15 @@ Every linear map the network adds is fitted by ridge regression on features of t
   fitting the exact inverse, which stretches negative targets tenfold, gave a worse network, 68.2% against 71.9%
   top-1 before training on the three-architecture example of ``benchmarks/bench_stitch.py``);
 * a learned class token is set to the mean class token the next block's model produces;
-* the head is a ridge classifier (one-hot targets) on the pooled features, when labels are given;
-* with ``recalibrate_norms``, each pretrained block's batch-norm statistics are first re-estimated on what the
-  network feeds that block on the probe, so that everything downstream is fitted to the block as training will see
-  it: training normalises by batch statistics of the target data, not by the source data's running statistics
-  (``benchmarks/stitch_mode_gap.py`` measures what the mismatch costs).
+* the head is a ridge classifier (one-hot targets) on the pooled features, when labels are given; its penalty and
+  temperature are chosen on a fifth of the probe held out from the fit (``head="zero"`` zeroes it instead);
+* with ``recalibrate_norms`` (the default), each pretrained block's batch-norm statistics are first re-estimated on
+  what the network feeds that block on the probe, so that everything downstream is fitted to the block as training
+  will see it: training normalises by batch statistics of the target data, not by the source data's running
+  statistics (``benchmarks/stitch_mode_gap.py`` measures what the mismatch costs).
+
+Without the last two, full fine-tuning of the 1.5M Split-CIFAR network started from a training loss of 9.7 and
+reached 77.2 % on the validation split; ``benchmarks/init_study.py`` measures the variants (``results/init-study``).
 
 DeRy itself uses PyTorch's default initialisation (``init="default"``); this is the library's addition, and
 ``benchmarks/bench_stitch.py`` measures what it buys before any training.
@@ -112,26 +116,33 @@ def _patches(x: torch.Tensor, kernel: int, stride: int, padding: int) -> torch.T
 
 
 class _Targets:
-    """What each block's own model feeds it on the probe images, computed batch by batch through the taps."""
+    """What each block's own model feeds it on the probe images, computed batch by batch through the taps and kept
+    (in ``cache``, by model, node and batch, to share with other fits)."""
 
-    def __init__(self, blocks, images: torch.Tensor):
+    def __init__(self, blocks, images: torch.Tensor, cache: dict | None = None):
         self.blocks, self.images = blocks, images
+        self.cache = cache if cache is not None else {}
 
     def __call__(self, k: int, first: int, stop: int) -> torch.Tensor:
         source = self.blocks[k]
-        mean, std = normalization_of(source.model)
-        x = normalize(self.images[first:stop], mean, std)
-        return tap(source.chain, x, [source.ref.start], pool=False)[source.ref.start]
+        key = (source.ref.source, source.ref.start, first, stop)
+        if key not in self.cache:
+            mean, std = normalization_of(source.model)
+            x = _channels_last([normalize(self.images[first:stop], mean, std)])[0]
+            self.cache[key] = tap(source.chain, x, [source.ref.start], pool=False)[source.ref.start]
+        return self.cache[key]
 
 
 class _Flow:
     """The network's tensors after block k on every probe batch, carried forward one stitch and block at a time:
     each stitch is fitted on what arrives at it once everything upstream is fitted, and nothing upstream runs
-    again."""
+    again. ``carried`` tensors (other images) go the same way, fitting and recalibrating nothing: after the last
+    block they are what the fitted network computes for them up to its head."""
 
-    def __init__(self, net: ReassembledNet, inputs, batches, recalibrate_norms: bool = False):
+    def __init__(self, net: ReassembledNet, tensors: list[torch.Tensor], carried: list[torch.Tensor],
+                 recalibrate_norms: bool = False):
         self.net, self.block, self.recalibrate_norms, self.recalibrated = net, -1, recalibrate_norms, 0
-        self.tensors = [inputs(first, stop) for first, stop in batches]
+        self.tensors, self.carried = _channels_last(tensors), _channels_last(carried)
 
     def after(self, k: int) -> list[torch.Tensor]:
         net = self.net
@@ -143,7 +154,58 @@ class _Flow:
             if self.recalibrate_norms:
                 self.recalibrated += recalibrate_batch_norms(net.blocks[b], entering)
             self.tensors = [net.blocks[b](x) for x in entering]
+            self.carried = [net.blocks[b](enter(x)) for x in self.carried]
         return self.tensors
+
+
+def _channels_last(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Maps in NHWC memory layout (the same values): convolutions then run about twice as fast on CPU for the
+    MobileNet blocks (``benchmarks/bench_train_step.py``); tokens are left as they are."""
+    return [x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x for x in tensors]
+
+
+class FitCache:
+    """What fitting many networks on one probe can share (the search fits every candidate): each block's target,
+    by model and node, and, for every prefix of block specs, the fitted stem and stitches, the blocks' recalibrated
+    batch-norm statistics and the tensors after the prefix. A network whose first blocks were fitted before
+    starts after them. Only the prefixes of the last network are kept, so fit networks in lexicographic order of
+    their blocks; results equal fitting each network alone."""
+
+    def __init__(self, images: torch.Tensor, carried: torch.Tensor | None = None):
+        self.images, self.carried = images, carried
+        self.targets: dict = {}
+        self.prefixes: dict[tuple[str, ...], dict] = {}
+
+    def restore(self, net: ReassembledNet, flow: _Flow, specs: tuple[str, ...], fits: list) -> int:
+        """Load the longest fitted prefix of ``specs`` into ``net`` and ``flow``; returns its number of blocks."""
+        length = max((len(key) for key in self.prefixes if specs[: len(key)] == key), default=0)
+        if length:
+            saved = self.prefixes[specs[:length]]
+            for module, state in zip(_prefix_modules(net, length), saved["states"]):
+                module.load_state_dict(state, strict=False)
+            flow.tensors, flow.carried, flow.recalibrated = saved["tensors"], saved["carried"], saved["recalibrated"]
+            flow.block = length - 1
+            fits.extend(saved["fits"])
+        return length
+
+    def store(self, net: ReassembledNet, flow: _Flow, specs: tuple[str, ...], fits: list) -> None:
+        self.prefixes = {key: value for key, value in self.prefixes.items() if specs[: len(key)] == key}
+        states = [{name: tensor.clone() for name, tensor in
+                   (module.state_dict().items() if kind == "fitted" else
+                    ((n, b) for n, b in module.named_buffers()))}
+                  for module, kind in zip(_prefix_modules(net, len(specs)), _prefix_kinds(len(specs)))]
+        self.prefixes[specs] = {"states": states, "tensors": flow.tensors, "carried": flow.carried,
+                                "recalibrated": flow.recalibrated, "fits": list(fits)}
+
+
+def _prefix_modules(net: ReassembledNet, length: int) -> list[torch.nn.Module]:
+    """The stem, the first ``length`` blocks and the stitches between them, in the order of :func:`_prefix_kinds`."""
+    return [net.stem, *net.blocks[:length], *net.stitches[: length - 1]]
+
+
+def _prefix_kinds(length: int) -> list[str]:
+    """Fitted modules keep their whole state; a block only its buffers (batch-norm statistics)."""
+    return ["fitted", *["block"] * length, *["fitted"] * (length - 1)]
 
 
 def recalibrate_batch_norms(module: torch.nn.Module, batches: Iterable[torch.Tensor]) -> int:
@@ -168,26 +230,31 @@ def recalibrate_batch_norms(module: torch.nn.Module, batches: Iterable[torch.Ten
 
 @torch.no_grad()
 def least_squares_init(net: ReassembledNet, blocks, images: torch.Tensor, labels: torch.Tensor | None = None, *,
-                       parts=PARTS, batch_size: int = 250, ridge: float = RIDGE, recalibrate_norms: bool = False,
-                       head: str = "fit", head_ridges=HEAD_RIDGES, progress: bool = True) -> dict:
+                       parts=PARTS, batch_size: int = 250, ridge: float = RIDGE, recalibrate_norms: bool = True,
+                       head: str = "fit", head_ridges=HEAD_RIDGES, cache: FitCache | None = None,
+                       progress: bool = True) -> dict:
     """Fit the stem, stitches and (with ``labels``) head of ``net`` on ``images`` (uint8, N x C x H x W), or only
     the ``parts`` named; ``blocks`` are the :class:`~reassembly.stitch.build.SourceBlock` the network was built
     from. ``recalibrate_norms`` re-estimates every block's batch-norm statistics on the probe as the fit reaches it.
     ``head``: ``fit`` (ridge classifier, penalty and temperature chosen on held-out probe images) or ``zero``.
+    ``cache`` (a :class:`FitCache` of ``images``) shares work with networks fitted before; its ``carried`` images
+    come back in ``report["carried"]``, as the fitted network's pooled features before its head.
     Returns what was fitted, with each fit's relative residual on the probe."""
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise ValueError(f"parts must be among {PARTS}, not {sorted(unknown)}")
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, not {head!r}")
+    if cache is not None and (cache.images is not images or set(parts) != set(PARTS)):
+        raise ValueError("a FitCache serves the fit of every part on the images it was made for")
     net.eval()
     for block in blocks:
         block.model.eval()
-    targets = _Targets(blocks, images)
+    targets = _Targets(blocks, images, cache.targets if cache is not None else None)
     mean, std = net.structure.mean, net.structure.std
     batches = [(i, min(i + batch_size, len(images))) for i in range(0, len(images), batch_size)]
     fit_stem = "stem" in parts and isinstance(net.stem, Stem)
-    stitches = [(k, s) for k, s in enumerate(net.stitches) if "stitches" in parts and s.plan.kind != "identity"]
+    stitches = {k for k, s in enumerate(net.stitches) if "stitches" in parts and s.plan.kind != "identity"}
     fit_head = "head" in parts and labels is not None
     steps = fit_stem + len(stitches) + fit_head
     bar = tqdm(total=steps * len(batches), desc="least-squares init", unit="batch", disable=not progress,
@@ -197,17 +264,32 @@ def least_squares_init(net: ReassembledNet, blocks, images: torch.Tensor, labels
     def inputs(first: int, stop: int) -> torch.Tensor:
         return normalize(images[first:stop], mean, std)
 
-    if fit_stem:
-        report["fits"].append(_fit_stem(net.stem, inputs, targets, batches, ridge, bar))
-    flow = _Flow(net, inputs, batches, recalibrate_norms)
-    for k, stitch in stitches:
-        report["fits"].append(_fit_stitch(k, stitch, flow.after(k), targets, batches, ridge, bar))
-    if fit_head or recalibrate_norms:
+    carried = [] if cache is None or cache.carried is None else [
+        normalize(cache.carried[i:i + batch_size], mean, std) for i in range(0, len(cache.carried), batch_size)]
+    flow = _Flow(net, [inputs(first, stop) for first, stop in batches], carried, recalibrate_norms)
+    if recalibrate_norms or cache is not None:  # every target first, while the blocks' models are untouched:
+        for k in ([0] if fit_stem else []) + [k + 1 for k in sorted(stitches)]:  # blocks cut from one model share
+            for first, stop in batches:  # it, and recalibrating one changes what the model feeds the others
+                targets(k, first, stop)
+    specs = tuple(ref.spec for ref in net.structure.blocks)
+    done = cache.restore(net, flow, specs, report["fits"]) if cache is not None else 0
+    for b in range(done, len(net.blocks)):
+        if b == 0 and fit_stem:
+            report["fits"].append(_fit_stem(net.stem, inputs, targets, batches, ridge, bar))
+        if b > 0 and b - 1 in stitches:
+            report["fits"].append(_fit_stitch(b - 1, net.stitches[b - 1], flow.after(b - 1), targets, batches,
+                                              ridge, bar))
+        if cache is not None:
+            flow.after(b)
+            cache.store(net, flow, specs[: b + 1], report["fits"])
+    if fit_head or recalibrate_norms or cache is not None:
         flowing = flow.after(len(net.blocks) - 1)  # recalibration reaches the last block even without a head fit
     if fit_head:
         report["fits"].append(_fit_head(net, flowing, labels, batches, head_ridges, bar, head))
     if recalibrate_norms:
         report["recalibrated_norms"] = flow.recalibrated
+    if flow.carried:
+        report["carried"] = torch.cat([net.head.pool(x) for x in flow.carried])
     bar.close()
     return report
 
@@ -288,6 +370,13 @@ def _fit_stitch(k: int, stitch: Stitch, flowing: list[torch.Tensor], targets, ba
     return {"layer": f"stitch {k}", "residual": round(fit.residual(weight), 4)}
 
 
+def _smoothed_losses(scales: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Label-smoothed (0.1) cross-entropy of ``scale * logits`` for every scale at once."""
+    log_p = torch.log_softmax(scales[:, None, None] * logits[None], dim=2)  # S x N x C
+    true = log_p.gather(2, labels[None, :, None].expand(len(scales), -1, 1)).squeeze(2)
+    return -(0.9 * true + 0.1 * log_p.mean(2)).mean(1)
+
+
 def _fit_head(net: ReassembledNet, flowing: list[torch.Tensor], labels, batches, ridges, bar,
               head: str = "fit") -> dict:
     """A ridge classifier on the pooled features, its logits scaled by a temperature. The penalty (among ``ridges``)
@@ -305,19 +394,16 @@ def _fit_head(net: ReassembledNet, flowing: list[torch.Tensor], labels, batches,
     for _ in batches:
         bar.update()
     labels = labels[: len(pooled)].long()
-    targets = F.one_hot(labels, fc.out_features)
+    targets = F.one_hot(labels, fc.out_features).double()
     held = torch.arange(len(pooled)) % 5 == 4  # the probe is a seeded random draw: every fifth image is random too
     if held.sum() < 1 or (~held).sum() < 2:
         held = torch.zeros(len(pooled), dtype=torch.bool)
-    fit = RidgeFit(fc.in_features, fc.out_features)
-    fit.add(pooled[~held], targets[~held])
     scales = torch.logspace(0, 3, 61, dtype=torch.float64)
     check_x, check_y = (pooled[held], labels[held]) if held.any() else (pooled, labels)
     best = None
-    for ridge in ridges:
-        weight, intercept = fit.solve(ridge)
+    for ridge, (weight, intercept) in zip(ridges, ridge_solutions(pooled[~held], targets[~held], ridges)):
         logits = check_x @ weight.T + intercept
-        losses = torch.stack([F.cross_entropy(s * logits, check_y, label_smoothing=0.1) for s in scales])
+        losses = _smoothed_losses(scales, logits, check_y)
         choice = int(losses.argmin())
         if best is None or float(losses[choice]) < best[0]:
             accuracy = float((logits.argmax(1) == check_y).double().mean())
@@ -330,10 +416,27 @@ def _fit_head(net: ReassembledNet, flowing: list[torch.Tensor], labels, batches,
         fc.weight.zero_()
         fc.bias.zero_()
         return report
-    full = RidgeFit(fc.in_features, fc.out_features)
-    full.add(pooled, targets)
-    weight, intercept = full.solve(ridge)
+    (weight, intercept), = ridge_solutions(pooled, targets, [ridge])
     fc.weight.copy_(scale * weight)
     fc.bias.copy_(scale * intercept)
-    report["residual"] = round(full.residual(weight), 4)
+    centred = targets - targets.mean(0)
+    error = pooled @ weight.T + intercept - targets
+    report["residual"] = round(float((error**2).sum() / (centred**2).sum().clamp_min(1e-12)), 4)
     return report
+
+
+def ridge_solutions(x: torch.Tensor, y: torch.Tensor, ridges) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:meth:`RidgeFit.solve` of the rows ``x`` -> ``y`` for every penalty in ``ridges`` (times the mean eigenvalue
+    of the covariance of ``x``), from one thin SVD of the centred rows: cheap when there are few rows of many
+    features, as a head's probe is."""
+    x, y = x.double(), y.double()
+    mean_x, mean_y = x.mean(0), y.mean(0)
+    u, singular, vh = torch.linalg.svd(x - mean_x, full_matrices=False)
+    projected = u.T @ (y - mean_y)
+    n = len(x)
+    penalty = max(float((singular**2).sum()) / (n * x.shape[1]), 1e-12)  # mean eigenvalue of the covariance
+    solutions = []
+    for ridge in ridges:
+        weight = (vh.T @ ((singular / (singular**2 + n * ridge * penalty))[:, None] * projected)).T
+        solutions.append((weight, mean_y - weight @ mean_x))
+    return solutions

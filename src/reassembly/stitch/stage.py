@@ -24,16 +24,20 @@ def probe_split(num_images: int, probe_size: int, seed: int) -> tuple[torch.Tens
 
 def stitch_stage(blocks: str | list[str], data: str, out: str | Path, *, init: str = "least-squares",
                  probe_size: int = 1000, seed: int = 0, stem: str = "new", token_pool: str = "mean",
-                 max_per_class: int | None = None, data_root=None, recalibrate_norms: bool = False,
+                 max_per_class: int | None = None, data_root=None, recalibrate_norms: bool | None = None,
                  head: str = "fit", overwrite: bool = False, progress: bool = True) -> dict:
     """Cut the blocks out of the shipped pretrained models, stitch them into a network for the classes of ``data``,
     initialise it (least squares on ``probe_size`` seeded training images of ``data``, or PyTorch's defaults) and
     save it into ``out``. ``max_per_class`` restricts the training split as training will (a seeded draw), so the
-    fit sees only target data the network may be trained on. Returns the saved structure's summary."""
+    fit sees only target data the network may be trained on. ``recalibrate_norms`` (default: with least squares)
+    and ``head`` are the least-squares options of :func:`~reassembly.stitch.init.least_squares_init`. Returns the
+    saved structure's summary."""
     from ..data import load_dataset
 
     if init not in INITS:
         raise ReassemblyError(f"init must be one of {', '.join(INITS)}, not {init!r}")
+    if recalibrate_norms is None:  # the default: part of the least-squares fit (results/init-study)
+        recalibrate_norms = init == "least-squares"
     if recalibrate_norms and init != "least-squares":
         raise ReassemblyError("--recalibrate-norms is part of the least-squares initialisation; drop it or use "
                               "--init least-squares")

@@ -4,7 +4,9 @@ Activations are caught where they are computed, as calls of ``torch.nn.functiona
 ``TorchFunctionMode``, not with hooks on activation *modules*: the CIFAR ResNets call ``F.relu`` in their forward
 and MobileNets' ``nn.ReLU6`` is a ``Hardtanh``, so module hooks (as in the official NASWOT code) would miss all of
 the first and, with its list, all of the second. A call inside another watched call is seen once (the mode is off
-while a function runs).
+while a function runs). :func:`watch_module_outputs` is the module-hook alternative, for proxies that want the outputs
+of given module types (``naswot_official`` reproduces the official code's hooks on ``nn.Linear``, attention and
+``nn.Dropout`` modules with it).
 
 A proxy's *block terms* attribute what it measures to *parts* of a network (the blocks of a source model): forward
 hooks on the part modules say which part is running when an activation fires, and which part a parameter
@@ -44,6 +46,28 @@ class WatchActivations(TorchFunctionMode):
         if func in ACTIVATIONS and isinstance(out, torch.Tensor):
             self.callback(out)
         return out
+
+
+@contextlib.contextmanager
+def watch_module_outputs(net: nn.Module, selected: Callable[[nn.Module], bool],
+                         callback: Callable[[torch.Tensor], None]) -> Iterator[None]:
+    """Call ``callback(output)`` with the output of every module of ``net`` for which ``selected(module)`` holds,
+    each time it runs (a tuple or list output gives its first element). Enter it before a :class:`PartTracker` so
+    that, on a part that is itself selected, its output is seen while the part is still the current one (forward
+    hooks run in the order they were registered)."""
+
+    def hook(_module, _args, output):
+        while isinstance(output, (tuple, list)) and output:
+            output = output[0]
+        if isinstance(output, torch.Tensor):
+            callback(output)
+
+    handles = [module.register_forward_hook(hook) for module in net.modules() if selected(module)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class WithoutNorms(TorchFunctionMode):
