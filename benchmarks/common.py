@@ -3,6 +3,7 @@ re-estimating batch-norm statistics, and stitching a network whose fit sees only
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import time
@@ -87,3 +88,13 @@ def stitched_on(blocks: str, train, probe_size: int = 1000, seed: int = 0, **ini
     probe = train.subset(probe_split(len(train), min(probe_size, len(train)), seed)[0])
     report = least_squares_init(net, sources, probe.images, probe.labels, progress=False, **init)
     return net, report
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The options every resumable benchmark of training runs takes: parallel jobs, threads per job, the report
+    folder, rebuilding the report only, and the hidden option that runs one job in a worker process."""
+    parser.add_argument("--jobs", type=int, default=1, help="training runs at a time, each in its own process")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--report", default=None, help="folder for results.json and report.md")
+    parser.add_argument("--report-only", action="store_true", help="rebuild the report from finished runs")
+    parser.add_argument("--only", default=None, help=argparse.SUPPRESS)

@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 import torch
-from common import Job, run_processes, stitched_on, write_report
+from common import Job, add_run_options, run_processes, stitched_on, write_report
 from split_cifar import recipe, target_splits, this_machine
 
 from reassembly.io import write_text
@@ -142,11 +142,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--per-class", type=int, default=1000, help="training images per class (smoke runs)")
-    parser.add_argument("--jobs", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--report", default=None)
-    parser.add_argument("--report-only", action="store_true")
-    parser.add_argument("--only", default=None, help=argparse.SUPPRESS)
+    add_run_options(parser)
     args = parser.parse_args()
     if args.only:
         run_job(json.loads(args.only), args)

@@ -3,12 +3,22 @@
 Target: CIFAR-10 classes 5-9, 1,000 training images per class (the seed-0 draw every stage uses), all 5,000 target
 test images. Rows, each trained by the same procedure:
 
-* every shipped Split-CIFAR zoo model within the budget, with a new 5-class head, fully fine-tuned;
+* every shipped Split-CIFAR zoo model within the budget, fully fine-tuned. With a search that lists the zoo models
+  as candidates (``zoo_models``, the library's search since own stems), a zoo model is stitched exactly as the
+  reassembled networks are (its own stem and blocks, least-squares head, norms recalibrated; the head zeroed for
+  full fine-tuning, as ``reassembly train --mode full`` starts); older searches give it a random new head;
+* zoo NAME from scratch: the same architecture freshly initialised, trained the same way (DeRy's comparison with zoo
+  architectures trained from scratch);
 * DeRy frozen and DeRy full: the search's choice, stitched with least-squares initialisation, then trained with the
   blocks frozen (stem, stitches and head only) or entirely;
 * DeRy from scratch: the same architecture cut from freshly initialised models, default-initialised stitches;
 * random assembly: a network drawn uniformly (seeded) from the feasible networks within the budget other than the
   choice, stitched like DeRy's and fully fine-tuned;
+* with ``--source-rows``, the paper's protocol rows: *DeRy on the source task* (DeRy's Table 7): the searched
+  network stitched for the zoo's source task ``cifar10[0:5]``, blocks frozen, stem, stitches and head trained on all
+  its 25,000 training images for ``--source-epochs`` (the zoo's 15) and scored on its test split next to each zoo
+  model's own source accuracy (a report section, not a row); *DeRy + source training*: that source-trained network,
+  its head zeroed, fine-tuned on the target like every other row;
 * random partition + proxy (with ``--random-partition``): the same search run on one random partition
   (``reassembly partition --random``) instead of the CKA one; its choice is stitched and fully fine-tuned like DeRy's.
   This isolates what the similarity-driven partition adds.
@@ -17,7 +27,8 @@ The procedure: AdamW with the stitching recipe (``reassembly.stitch.training.REC
 smoothing 0.1) for ``--epochs`` epochs; the peak learning rate of each row is chosen from ``--lrs`` by final-epoch
 accuracy on a validation split (200 images per class held out from the 1,000, seed 1), training on the other 800;
 the chosen rate then trains on all 1,000 per class with ``--seeds`` seeds, and the table reports final-epoch test
-top-1. The test images choose nothing.
+top-1. The test images choose nothing. A network's least-squares probe is drawn from the images its run trains on
+(the fit split for validation runs, all 1,000 per class for the seeded runs), so no validation image is fitted.
 
 Proxy quality: ``--proxy-nets`` networks drawn uniformly (seeded) from the feasible ones are stitched, fully
 fine-tuned for ``--proxy-epochs`` epochs at the recipe's rate and evaluated on the test split; Kendall's tau between
@@ -46,11 +57,12 @@ import sys
 from pathlib import Path
 
 import torch
-from common import Job, run_processes, write_report
+from common import Job, add_run_options, run_processes, write_report
 
 from reassembly.io import write_text
 
 TARGET = "cifar10[5:10]"
+SOURCE = "cifar10[0:5]"  # the Split-CIFAR zoo's source task
 PER_CLASS = 1000  # DESIGN.md's protocol; --per-class changes it for smoke runs only
 
 
@@ -70,21 +82,44 @@ def target_splits(per_class: int = PER_CLASS) -> dict:
             "val": train.subset(torch.nonzero(held).flatten()), "test": load_dataset(TARGET, "test")}
 
 
+def source_splits() -> dict:
+    """The zoo's source task: all its training images (5,000 per class) and its test split."""
+    from reassembly.data import load_dataset
+
+    return {"source-train": load_dataset(SOURCE, "train"), "source-test": load_dataset(SOURCE, "test")}
+
+
+def split(name: str, per_class: int):
+    return (source_splits() if name.startswith("source") else target_splits(per_class))[name]
+
+
 # ---------------------------------------------------------------- the plan
 
 def build_plan(args) -> dict:
     """Rows, networks to stitch and every training job, from the search file(s); written once to plan.json."""
     from reassembly.measure import count_macs, count_params
-    from reassembly.zoo.recipes import ZOO_SETS
     from reassembly.zoo.pretrained import load_pretrained
+    from reassembly.zoo.recipes import ZOO_SETS
 
     search = json.loads(Path(args.search).read_text())
     budget = search["budget"]
     limits = {key: budget[key]["max"] for key in ("params", "macs") if key in budget and budget[key].get("max")}
     feasible = [c for c in search["candidates"] if c["within_budget"]]
     choice = search["choice"]["blocks"]
-    zoo_rows = []
+    zoo_rows, zoo_nets = [], {}
+    listed = {z["name"]: z for z in search.get("zoo_models", [])}
     for name in ZOO_SETS["split-cifar"]:
+        if listed:  # the zoo model as a candidate network: stitched and trained like the reassembled ones
+            zoo = listed.get(name)
+            if not (zoo and zoo["within_budget"]):
+                continue
+            cost = {"params": zoo["params"], "macs": zoo["macs"]}
+            zoo_nets[f"zoo-{name}"] = {"blocks": zoo["blocks"], "init": "least-squares"}
+            zoo_nets[f"scratch-{name}"] = {"blocks": zoo["blocks"], "init": "default", "pretrained": False}
+            zoo_rows += [{"row": f"zoo {name}", "kind": "net", "source": f"zoo-{name}", "mode": "full", **cost},
+                         {"row": f"zoo {name} from scratch", "kind": "net", "source": f"scratch-{name}",
+                          "mode": "full", **cost}]
+            continue
         model = load_pretrained(name, num_classes=5).eval()
         cost = {"params": count_params(model), "macs": count_macs(model, (3, 32, 32))}
         if all(cost[k] <= v for k, v in limits.items()):
@@ -95,7 +130,7 @@ def build_plan(args) -> dict:
     sample = rng.sample(feasible, min(args.proxy_nets, len(feasible)))
     nets = {"dery": {"blocks": choice, "init": "least-squares"},
             "scratch": {"blocks": choice, "init": "default", "pretrained": False},
-            "random": {"blocks": ",".join(random_net["blocks"]), "init": "least-squares"}}
+            "random": {"blocks": ",".join(random_net["blocks"]), "init": "least-squares"}, **zoo_nets}
     for i, candidate in enumerate(sample):
         nets[f"proxy{i:02d}"] = {"blocks": ",".join(candidate["blocks"]), "init": "least-squares"}
     chosen = next(c for c in feasible if ",".join(c["blocks"]) == choice)
@@ -105,7 +140,9 @@ def build_plan(args) -> dict:
         {"row": "DeRy from scratch", "kind": "net", "source": "scratch", "mode": "full", **_cost(chosen)},
         {"row": "random assembly", "kind": "net", "source": "random", "mode": "full", **_cost(random_net)},
     ]
-    plan = {"search": args.search, "per_class": args.per_class, "budget": search["budget_text"], "limits": limits, "feasible": len(feasible),
+    plan = {"search": args.search, "per_class": args.per_class, "budget": search["budget_text"], "limits": limits,
+            "feasible": len(feasible), "probe": "run's own training split",
+            "head_start": "library default" if listed else "fitted",
             "epochs": args.epochs, "lrs": args.lrs, "seeds": args.seeds, "proxy_epochs": args.proxy_epochs,
             "sample_seed": args.sample_seed, "rows": rows, "nets": nets,
             "proxy_sample": [",".join(c["blocks"]) for c in sample]}
@@ -137,6 +174,25 @@ def add_recalibrated(plan: dict) -> None:
     plan["nets"]["dery-recalibrated"] = {**dery, "recalibrate_norms": True}
     full = next(row for row in plan["rows"] if row["row"] == "DeRy full")
     plan["rows"].append({**full, "row": "DeRy full, norms recalibrated", "source": "dery-recalibrated"})
+
+
+def add_source_rows(plan: dict, epochs: int) -> None:
+    """DeRy on the source task (its network stitched for ``SOURCE``, blocks frozen, trained ``epochs`` epochs) and
+    the row 'DeRy + source training' (that network, head zeroed, fine-tuned on the target like every row)."""
+    dery = plan["nets"]["dery"]
+    plan["nets"]["dery-source"] = {**dery, "data": SOURCE}
+    plan["source_epochs"] = epochs
+    full = next(row for row in plan["rows"] if row["row"] == "DeRy full")
+    plan["rows"].append({**full, "row": "DeRy + source training", "source": "dery-source", "after": "source-dery"})
+
+
+def source_jobs(plan: dict) -> list[dict]:
+    from reassembly.stitch.training import RECIPE
+
+    if "dery-source" not in plan["nets"]:
+        return []
+    return [{"name": "source-dery", "net": "dery-source", "mode": "frozen", "lr": RECIPE.lr, "seed": 0,
+             "train": "source-train", "eval": "source-test", "epochs": plan["source_epochs"]}]
 
 
 def _cost(candidate: dict) -> dict:
@@ -185,32 +241,49 @@ def _slug(text: str) -> str:
 
 # ---------------------------------------------------------------- running
 
+def net_key(plan: dict, job: dict) -> tuple[str, str]:
+    """(network, split its probe is drawn from) that a training job starts from."""
+    row = next((r for r in plan["rows"] if r["row"] == job.get("row")), None)
+    key = row["source"] if row else job["net"]
+    return key, ("source-train" if key == "dery-source" else job["train"])
+
+
+def net_dir(plan: dict, out: Path, key: str, split_name: str) -> Path:
+    """Where network ``key`` fitted on ``split_name`` is saved (older tables fitted each network once)."""
+    return out / "nets" / (f"{key}@{split_name}" if "probe" in plan else key)
+
+
 def stitch_jobs(plan: dict, out: Path) -> list[dict]:
-    """Stitch the networks some unfinished run trains (all of them for a new table)."""
-    needed = {job["net"] for job in proxy_jobs(plan) if finished(out, job) is None}
+    """Stitch the networks some unfinished run starts from (all of them for a new table)."""
+    jobs = [job for job in proxy_jobs(plan) + source_jobs(plan) if finished(out, job) is None]
     for row in plan["rows"]:
         if row["kind"] != "net":
             continue
         validation = [job for job in validation_jobs(plan) if job["row"] == row["row"]]
         if any(finished(out, job) is None for job in validation):
-            needed.add(row["source"])  # its seeded runs come after these, and need the same network
+            jobs += validation + [{**validation[0], "train": "train"}]  # its seeded runs come after these
             continue
-        finals = final_jobs({**plan, "rows": [dict(row)]}, out)
-        if any(finished(out, job) is None for job in finals):
-            needed.add(row["source"])
-    return [{"name": f"stitch-{key}", "stitch": key} for key in plan["nets"] if key in needed]
+        jobs += [job for job in final_jobs({**plan, "rows": [dict(row)]}, out) if finished(out, job) is None]
+    needed = {net_key(plan, job) for job in jobs if "stitch" not in job}
+    return [{"name": f"stitch-{key}@{split_name}", "stitch": key, "split": split_name}
+            for key, split_name in sorted(needed) if key in plan["nets"]]
 
 
-def stitch_net(plan: dict, key: str, out: Path) -> None:
+def stitch_net(plan: dict, key: str, split_name: str, out: Path) -> None:
+    from common import stitched_on
+
     from reassembly.stitch import build_network, parse_blocks, pretrained_block
     from reassembly.stitch.io import save_net
     from reassembly.stitch.stage import stitch_stage
 
-    spec, directory = plan["nets"][key], out / "nets" / key
-    if spec.get("pretrained", True):
+    spec, directory = plan["nets"][key], net_dir(plan, out, key, split_name)
+    if "probe" not in plan and spec.get("pretrained", True):  # older tables: the stage's probe, one per network
         stitch_stage(spec["blocks"], TARGET, directory, init=spec["init"], max_per_class=plan["per_class"],
                      recalibrate_norms=spec.get("recalibrate_norms", False), progress=False, overwrite=True)
-    else:  # the architecture of the blocks, freshly initialised: DeRy trained from scratch
+    elif spec.get("pretrained", True):
+        net, report = stitched_on(spec["blocks"], split(split_name, plan["per_class"]))
+        save_net(net, directory, {"blocks": spec["blocks"], "init": {**report, "probe_split": split_name}})
+    else:  # the architecture of the blocks, freshly initialised: trained from scratch
         torch.manual_seed(0)
         blocks = [pretrained_block(n, a, b, pretrained=False) for n, a, b in parse_blocks(spec["blocks"])]
         save_net(build_network(blocks, 5), directory,
@@ -218,7 +291,9 @@ def stitch_net(plan: dict, key: str, out: Path) -> None:
 
 
 def model_for(plan: dict, job: dict, out: Path):
+    from reassembly.checkpoint import load_into
     from reassembly.stitch.io import load_net
+    from reassembly.stitch.training import DEFAULT_HEAD_START, start_head
     from reassembly.zoo.pretrained import load_pretrained
 
     row = next((r for r in plan["rows"] if r["row"] == job.get("row")), None)
@@ -226,9 +301,13 @@ def model_for(plan: dict, job: dict, out: Path):
     torch.manual_seed(job["seed"])  # a zoo model's new head
     if kind == "zoo":
         return load_pretrained(source, num_classes=5)
-    net = load_net(out / "nets" / source)
+    net = load_net(net_dir(plan, out, *net_key(plan, job)))
+    if row and row.get("after"):  # trained on the source task first: start from that run's weights
+        load_into(net, out / "runs" / row["after"] / "final.safetensors")
     if mode == "frozen":
         net.freeze_blocks(norm="eval")
+    elif plan.get("head_start") == "library default":
+        start_head(net, DEFAULT_HEAD_START[mode])
     return net
 
 
@@ -237,15 +316,15 @@ def run_job(plan: dict, job: dict, out: Path, threads: int) -> None:
 
     torch.set_num_threads(threads)
     if "stitch" in job:
-        stitch_net(plan, job["stitch"], out)
+        stitch_net(plan, job["stitch"], job.get("split", "train"), out)
         return
-    splits = target_splits(plan["per_class"])
     model = model_for(plan, job, out)
     run_dir = out / "runs" / job["name"]
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text(run_dir / "device.json", json.dumps(this_machine()) + "\n")
-    train_classifier(model, splits[job["train"]], splits[job["eval"]], recipe(job["epochs"], job["lr"]),
-                     run_dir, seed=job["seed"], progress=False, metadata={"job": job})
+    train_classifier(model, split(job["train"], plan["per_class"]), split(job["eval"], plan["per_class"]),
+                     recipe(job["epochs"], job["lr"]), run_dir, seed=job["seed"], progress=False,
+                     metadata={"job": job})
 
 
 def this_machine() -> dict:
@@ -266,7 +345,9 @@ def finished(out: Path, job: dict) -> dict | None:
     if "stitch" in job:
         from reassembly.stitch.io import is_net_dir
 
-        return {"stitched": True} if is_net_dir(out / "nets" / job["stitch"]) else None
+        plan = json.loads((out / "plan.json").read_text())
+        return {"stitched": True} if is_net_dir(net_dir(plan, out, job["stitch"], job.get("split", "train"))) \
+            else None
     path = out / "runs" / job["name"] / "summary.json"
     if not path.is_file():
         return None
@@ -336,9 +417,23 @@ def report(plan: dict, out: Path, args) -> dict:
     machine = json.loads((out / "machine.json").read_text()) if (out / "machine.json").is_file() else {}
     record = {"command": " ".join(["python", "benchmarks/split_cifar.py", *sys.argv[1:]]), **machine,
               "plan": {k: v for k, v in plan.items() if k != "rows"}, "rows": rows,
-              "proxy_accuracy": accuracy, "proxy_tau": proxy}
+              "proxy_accuracy": accuracy, "proxy_tau": proxy, "source_task": source_task(plan, out)}
     write_report(args.report, record, markdown(record))
     return record
+
+
+def source_task(plan: dict, out: Path) -> dict | None:
+    """DeRy's network trained on the source task (blocks frozen) next to each zoo model's own source accuracy."""
+    from reassembly.zoo.pretrained import load_manifest
+
+    jobs = source_jobs(plan)
+    summary = finished(out, jobs[0]) if jobs else None
+    if summary is None:
+        return None
+    zoo = {entry.name: entry.test_accuracy for entry in load_manifest() if entry.source_data == SOURCE}
+    return {"data": SOURCE, "blocks": plan["nets"]["dery-source"]["blocks"], "epochs": jobs[0]["epochs"],
+            "mode": "frozen", "test_top1": summary["final"]["test_top1"], "zoo_test_top1": zoo,
+            "machine": run_machine(out, jobs[0])}
 
 
 def markdown(r: dict) -> str:
@@ -360,6 +455,14 @@ def markdown(r: dict) -> str:
         name = row["row"] + (f" (run on {', '.join(elsewhere)})" if elsewhere else "")
         lines.append(f"| {name} | {row['params']:,} | {row['macs']:,} | {row.get('lr', '?')} ({val}) | "
                      f"{score} | {', '.join(f'{v:.2f}' for v in row['test_top1'])} |")
+    source = r.get("source_task")
+    if source:
+        zoo = ", ".join(f"{name} {top1:.2f}" for name, top1 in sorted(source["zoo_test_top1"].items(),
+                                                                       key=lambda item: -item[1]))
+        lines += ["", (f"DeRy on the source task `{source['data']}` (DeRy's Table 7): `{source['blocks']}` stitched "
+                       f"for it, blocks frozen, stem, stitches and head trained {source['epochs']} epochs on its "
+                       f"training split: **{source['test_top1']:.2f} %** test top-1 (on {source['machine']}). The zoo "
+                       f"models' own accuracy there: {zoo}.")]
     if r["proxy_tau"]:
         lines += ["", f"Proxy quality over {len(r['proxy_accuracy'])} random feasible networks, each fully fine-tuned "
                   f"{p['proxy_epochs']} epochs (lr of the recipe, seed 0), test top-1 against the score:", "",
@@ -381,6 +484,9 @@ def main() -> None:
                              "adds the 'random partition + proxy' row")
     parser.add_argument("--recalibrated", action="store_true",
                         help="adds the row 'DeRy full, norms recalibrated' (`reassembly stitch --recalibrate-norms`)")
+    parser.add_argument("--source-rows", action="store_true",
+                        help="adds DeRy on the source task (a report section) and the row 'DeRy + source training'")
+    parser.add_argument("--source-epochs", type=int, default=15, help="epochs on the source task (the zoo's 15)")
     parser.add_argument("--rows", nargs="+", default=None,
                         help="train only these rows (by name, e.g. 'DeRy full'); the report still lists every row")
     parser.add_argument("--out", type=Path, default=Path("runs/split-cifar-table"))
@@ -391,11 +497,7 @@ def main() -> None:
     parser.add_argument("--proxy-nets", type=int, default=24)
     parser.add_argument("--proxy-epochs", type=int, default=3)
     parser.add_argument("--sample-seed", type=int, default=0)
-    parser.add_argument("--jobs", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--report", default=None)
-    parser.add_argument("--report-only", action="store_true")
-    parser.add_argument("--only", default=None, help=argparse.SUPPRESS)
+    add_run_options(parser)
     args = parser.parse_args()
     out = args.out
     plan_path = out / "plan.json"
@@ -415,10 +517,15 @@ def main() -> None:
         if args.recalibrated and "dery-recalibrated" not in plan["nets"] and not args.report_only:
             add_recalibrated(plan)
             plan_path.write_text(json.dumps(plan, indent=2) + "\n")
+        if args.source_rows and "dery-source" not in plan["nets"] and not args.report_only:
+            add_source_rows(plan, args.source_epochs)
+            plan_path.write_text(json.dumps(plan, indent=2) + "\n")
     else:
         plan = build_plan(args)
         if args.recalibrated:
             add_recalibrated(plan)
+        if args.source_rows:
+            add_source_rows(plan, args.source_epochs)
         out.mkdir(parents=True, exist_ok=True)
         plan_path.write_text(json.dumps(plan, indent=2) + "\n")
     names = [row["row"] for row in plan["rows"]]
@@ -430,11 +537,14 @@ def main() -> None:
         rows = [row for row in plan["rows"] if row["row"] in args.rows]
         chosen = {**plan, "rows": rows, "nets": {k: v for k, v in plan["nets"].items()
                                                  if k in {row["source"] for row in rows}}}
+        if "dery-source" not in chosen["nets"]:
+            chosen.pop("source_epochs", None)
     if not args.report_only:
         if not (out / "machine.json").is_file():  # the table's machine; each run also records its own
             write_text(out / "machine.json", json.dumps(this_machine()))
         target_splits(plan["per_class"])  # decode the images once before the workers start
         failed = launch(stitch_jobs(chosen, out), args, out)
+        failed += launch(source_jobs(chosen), args, out)  # 'DeRy + source training' starts from it
         failed += launch(validation_jobs(chosen) + proxy_jobs(chosen), args, out, then=lambda: final_jobs(chosen, out))
         if failed:
             print(f"failed runs: {', '.join(failed)}; see {out}/logs", flush=True)

@@ -442,7 +442,7 @@ def test_class_selections_that_name_no_real_class(tmp_path, data_root, spec, nee
                                                           "did you mean resnet20_cifar5"]),
     (["nas", "show", "DARTS_V3"], ["unknown genotype 'DARTS_V3'", "did you mean DARTS_V2"]),
     (["search", SPLIT_CIFAR, "--data", "digits", "--params", "0.5M", "--proxy", "naswt", "--out", "OUT"],
-     ["unknown proxy 'naswt'", "did you mean naswot?"]),
+     ["unknown proxy 'naswt'", "did you mean naswot, naswot_official?"]),
 ], ids=["info", "dissect", "eval-model", "eval-data", "similarity-zoo", "stitch-blocks", "zoo-train", "nas-genotype",
         "search-proxy"])
 def test_misspelled_names_suggest_the_closest(tmp_path, args, needles):

@@ -518,3 +518,24 @@ def test_a_fit_cache_gives_every_network_exactly_its_own_fit(tmp_path):
             pooled = alone.head.pool(alone.eval().features(x))
         assert torch.allclose(fast_report["carried"], pooled, atol=1e-4)
     assert len(cache.prefixes) == 3  # only the prefixes of the last network are kept
+
+
+def test_full_fine_tuning_starts_from_a_zeroed_head_unless_asked(tmp_path):
+    """The default of DEFAULT_HEAD_START: full fine-tuning from a zeroed head (frozen training keeps the fitted one),
+    recorded with the trained network; the first step's loss is then log C whatever the fit was."""
+    from reassembly.stitch.training import RECIPE, train_network
+
+    run("stitch", "--blocks", "resnet20_cifar5:1-4", "--data", "digits", "--probe-size", "100", "--out",
+        str(tmp_path / "net"))
+    recipe = RECIPE.model_copy(update={"epochs": 1, "flip": False, "lr": 1e-12, "warmup_epochs": 0})
+    losses = {}
+    for mode, start in (("full", None), ("full", "fitted"), ("frozen", None)):
+        out = tmp_path / f"{mode}-{start}"
+        train_network(tmp_path / "net", "digits", mode, recipe=recipe, out=out, max_per_class=10, head_start=start,
+                      progress=False)
+        info = json.loads((out / "structure.json").read_text())["info"]["trained"]
+        losses[(mode, start)] = (info["head_start"], info["final"]["train_loss"])
+    assert losses[("full", None)][0] == "zero" and losses[("full", "fitted")][0] == "fitted"
+    assert losses[("frozen", None)][0] == "fitted"
+    assert losses[("full", None)][1] == pytest.approx(2.3026, abs=0.01)  # log 10: nothing learnt at lr 1e-12
+    assert abs(losses[("full", "fitted")][1] - 2.3026) > 0.03  # the fitted head says something

@@ -97,6 +97,9 @@ def evaluate_run(recipe: Recipe, run_dir: Path, progress: bool = False) -> dict:
         trained[mode] = {"train_images": info.get("train_images"), "epochs": info.get("recipe", {}).get("epochs"),
                          "recipe": info.get("recipe"), "block_norm": info.get("block_norm")}
     search = json.loads((run_dir / "search.json").read_text())
+    ranks = {zoo["name"]: zoo.get("rank") for zoo in search.get("zoo_models", [])}
+    for net in networks:  # where the search ranked each network (the zoo models are candidates too)
+        net["search_rank"] = search["choice"]["rank"] if net["kind"] == "reassembled" else ranks.get(net["name"])
     over = []
     if recipe.eval.baselines and (run_dir / "baselines" / "baselines.json").is_file():
         over = [{key: model[key] for key in ("name", "params", "macs")} for model in
@@ -114,6 +117,7 @@ def evaluate_run(recipe: Recipe, run_dir: Path, progress: bool = False) -> dict:
                 "probe_images": net_info.get("init", {}).get("probe", {}).get("images")},
         "trained": trained,
         "seed": recipe.seed,
+        "scored": search.get("scored"),
         "networks": networks,
         "zoo_over_budget": over,
     }
@@ -132,8 +136,11 @@ def comparison_legend(record: dict) -> list[str]:
     how = (f"least squares on {fit['probe_images']:,} target training images" if fit["method"] == "least-squares"
            else "PyTorch's default initialisation")
     lines = [
-        ("reassembled: the blocks the search chose (see search.json), joined by new stitches, with a new stem and "
-         "head; zoo NAME: that shipped model's body (its head node removed) with a new linear head."),
+        ("reassembled: the blocks the search chose (see search.json), joined by new stitches, with a new stem "
+         "(unless the first block keeps its model's own) and head; zoo NAME: that shipped model's body (its head "
+         "node removed) with a new linear head."),
+        *(["search rank: where the search's proxy ranked the network among the scored ones (a zoo model with its "
+           "own stem is a candidate too)."] if any(net.get("search_rank") for net in record["networks"]) else []),
         f"top-1 fit: the new parts only fitted ({how}), no gradient step.",
     ]
     for mode, info in record["trained"].items():
@@ -156,11 +163,13 @@ def comparison_legend(record: dict) -> list[str]:
 
 def comparison_rows(record: dict) -> tuple[list[str], list[list[str]]]:
     columns = _columns(record)
-    headers = ["network", "params", "MACs", *(title for _, title in columns)]
+    ranked = any(net.get("search_rank") for net in record["networks"])
+    headers = ["network", "params", "MACs", *(["search rank"] if ranked else []), *(title for _, title in columns)]
     rows = []
     for net in record["networks"]:
         name = REASSEMBLED if net["kind"] == "reassembled" else f"zoo {net['name']}"
-        rows.append([name, human(net["params"]), human(net["macs"]),
+        rank = [f"{net['search_rank']} of {record['scored']}" if net.get("search_rank") else "-"] if ranked else []
+        rows.append([name, human(net["params"]), human(net["macs"]), *rank,
                      *(f"{net['results'][stage]['top1']:.2f}" for stage, _ in columns)])
     return headers, rows
 
@@ -168,7 +177,7 @@ def comparison_rows(record: dict) -> tuple[list[str], list[list[str]]]:
 def comparison_table(record: dict) -> str:
     """The comparison ``reassembly run`` prints at the end: one row per network, and what each row is."""
     headers, rows = comparison_rows(record)
-    table = format_table(headers, rows, "lrr" + "r" * (len(headers) - 3))
+    table = format_table(headers, rows, "l" + "r" * (len(headers) - 1))
     reassembled = next(net for net in record["networks"] if net["kind"] == "reassembled")
     intro = (f"{record['data']} {record['split']} split, {record['images']:,} images; budget: {record['budget_text']}\n"
              f"reassembled blocks: {reassembled['blocks']}")

@@ -255,7 +255,7 @@ def _score(space: SearchSpace, solutions: list[Solution], scorers: list, images:
         blocks = space.source_blocks(solution.choice)
         net = build_network(blocks, images.target.num_classes, classes=list(images.target.classes))
         size = tuple(net.structure.input_size)
-        measured = {"params": count_params(net), "macs": solution.costs["macs"]}  # the program's MACs are exact
+        measured = {"params": count_params(net), "macs": round(solution.costs["macs"])}  # exact (tested)
         if "latency" in budget.resources:
             measured["latency"] = measure_latency(net, torch.zeros(1, *size), repeats=latency_repeats)
         scores = {}
