@@ -1348,13 +1348,14 @@ def search_cmd(partition_dir, data_spec, params, macs, latency, min_params, min_
     finds the --top-k networks with the largest sum of per-block proxy terms (each measured inside its own
     pretrained model) and only those are scored.
 
-    search.json lists the ranked candidates, the program's status and optimality gap, and the choice; pass the
-    choice on with `reassembly stitch --blocks "$(jq -r .choice.blocks search.json)"`. Sizes take K, M, G
-    (0.5M = 500,000); latency takes ms, us or s.
+    search.json lists the ranked candidates, the zoo models' ranks, which networks were scored, and the choice;
+    pass the choice on with `reassembly stitch --blocks "$(jq -r .choice.blocks search.json)"`. Sizes take K, M,
+    G (0.5M = 500,000); latency takes ms, us or s.
 
     \b
     reassembly search runs/sim --data 'cifar10[5:10]' --params 0.5M --macs 60M
-    reassembly search runs/sim --data 'cifar10[5:10]' --params 1M --min-params 0.5M --proxy synflow --top-k 50
+    reassembly search runs/sim --data 'cifar10[5:10]' --params 0.5M --macs 60M --proxy fit --also logme,knn
+    reassembly search runs/sim --data 'cifar10[5:10]' --params 1M --min-params 0.5M --max-scored 0 --top-k 50
     reassembly search runs/sim --data digits --latency 2ms --proxy params --top-k 5
     """
     import torch
