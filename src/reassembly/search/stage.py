@@ -91,8 +91,9 @@ def search_stage(directory: str | Path, data: str, budget: Budget, *, proxy: str
     if batches < 1 or batch_size < 2:
         raise ReassemblyError(f"--batches {batches} --batch-size {batch_size}: proxies need at least one batch of "
                               "two or more images")
-    if scorer.fitted and probe_size < 2:
-        raise ReassemblyError(f"--probe-size {probe_size}: proxy {scorer.name} fits each network on at least two "
+    fitted = scorer.fitted or any(other.fitted for other in others)
+    if fitted and probe_size < 2:
+        raise ReassemblyError(f"--probe-size {probe_size}: a transfer proxy fits each network on at least two "
                               "images")
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -100,7 +101,6 @@ def search_stage(directory: str | Path, data: str, budget: Budget, *, proxy: str
     timings["load_models"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    fitted = scorer.fitted or any(other.fitted for other in others)
     images = _TargetImages(data, sources, data_root, max_per_class, fitted, probe_size, batches, batch_size, seed)
     timings["load_data"] = time.perf_counter() - clock
 
