@@ -139,8 +139,8 @@ def comparison_legend(record: dict) -> list[str]:
         ("reassembled: the blocks the search chose (see search.json), joined by new stitches, with a new stem "
          "(unless the first block keeps its model's own) and head; zoo NAME: that shipped model's body (its head "
          "node removed) with a new linear head."),
-        *(["search rank: where the search's proxy ranked the network among the scored ones (a zoo model with its "
-           "own stem is a candidate too)."] if any(net.get("search_rank") for net in record["networks"]) else []),
+        *([("search rank: where the search's proxy ranked the network among the scored ones (a zoo model with its "
+            "own stem is a candidate too).")] if any(net.get("search_rank") for net in record["networks"]) else []),
         f"top-1 fit: the new parts only fitted ({how}), no gradient step.",
     ]
     for mode, info in record["trained"].items():
